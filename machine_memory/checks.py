@@ -1,0 +1,143 @@
+"""System checks for ``settings.MACHINE_MEMORY``: one check id per rule.
+
+Ids are stable and documented in the README (machine_memory.E001 ...). Lock backends
+add their own messages through ``LockBackend.check()``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+from machine_memory.conf import DEFAULTS, conf
+
+SUPPORTED_VENDORS = ("postgresql", "mysql", "sqlite")
+
+Rule = Callable[[Any], bool]
+
+
+def _number(value: Any, *, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value > 0 if positive else value >= 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# key -> (check id, rule, what the value must be)
+VALUE_RULES: dict[str, tuple[str, Rule, str]] = {
+    "DATABASE": ("E003", lambda v: isinstance(v, str) and v in settings.DATABASES,
+                 "an alias from settings.DATABASES"),
+    "LOCK_TTL": ("E005", lambda v: isinstance(v, datetime.timedelta) and v.total_seconds() > 0
+                 or _number(v, positive=True), "a positive number of seconds or a timedelta"),
+    "LOCK_RETRIES": ("E006", _count, "a non-negative int"),
+    "LOCK_BACKOFF": ("E007", lambda v: _number(v, positive=False),
+                     "a non-negative number of seconds"),
+    "READ_RETRIES": ("E008", _count, "a non-negative int"),
+    "READ_BACKOFF": ("E009", lambda v: _number(v, positive=False),
+                     "a non-negative number of seconds"),
+    "MAX_STATE_BYTES": ("E010", lambda v: _count(v) and v > 0, "a positive int"),
+    "CLEANUP": ("E011", lambda v: v in ("keep", "delete"), '"keep" or "delete"'),
+    "REDIS_CACHE": ("E012", lambda v: isinstance(v, str) and bool(v), "a CACHES alias"),
+}
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    raw = getattr(settings, "MACHINE_MEMORY", {})
+    if not isinstance(raw, dict):
+        return [
+            Error(
+                "settings.MACHINE_MEMORY must be a dict.",
+                hint="Set MACHINE_MEMORY = {...} with the keys listed in the README, or remove it.",
+                id="machine_memory.E001",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    for key in sorted(set(raw) - set(DEFAULTS)):
+        messages.append(
+            Error(
+                f"Unknown MACHINE_MEMORY key {key!r}.",
+                hint=f"Valid keys: {', '.join(DEFAULTS)}.",
+                id="machine_memory.E002",
+            )
+        )
+    for key, (check_id, rule, expected) in VALUE_RULES.items():
+        if key in raw and not rule(raw[key]):
+            messages.append(
+                Error(
+                    f"MACHINE_MEMORY[{key!r}] is {raw[key]!r}.",
+                    hint=f"Set it to {expected}, or remove it for the default {DEFAULTS[key]!r}.",
+                    id=f"machine_memory.{check_id}",
+                )
+            )
+    if any(message.id == "machine_memory.E003" for message in messages):
+        return messages
+    messages += _check_database(conf.DATABASE)
+    messages += _check_lock_backend(raw)
+    messages += _check_lock_window(raw)
+    return messages
+
+
+def _check_database(alias: str) -> list[CheckMessage]:
+    from django.db import connections
+
+    if alias not in settings.DATABASES:
+        return [
+            Error(
+                f"MACHINE_MEMORY['DATABASE'] is {alias!r}, which is not in settings.DATABASES.",
+                hint="Add the alias to DATABASES or point MACHINE_MEMORY['DATABASE'] at one.",
+                id="machine_memory.E003",
+            )
+        ]
+    vendor = connections[alias].vendor  # known from ENGINE; does not connect
+    if vendor not in SUPPORTED_VENDORS:
+        return [
+            Error(
+                f"Database {alias!r} is {vendor}, which machine_memory does not support.",
+                hint="Use PostgreSQL, MariaDB/MySQL or SQLite for the machine memory.",
+                id="machine_memory.E013",
+            )
+        ]
+    return []
+
+
+def _check_lock_backend(raw: dict[str, Any]) -> list[CheckMessage]:
+    from machine_memory.locks import backend_class
+
+    name = raw.get("LOCK_BACKEND", DEFAULTS["LOCK_BACKEND"])
+    try:
+        cls = backend_class(name)
+    except (ImportError, TypeError, ValueError) as exc:
+        return [
+            Error(
+                f"MACHINE_MEMORY['LOCK_BACKEND'] {name!r} cannot be used: {exc}",
+                hint='Use "database", "redis" or the dotted path of a LockBackend subclass.',
+                id="machine_memory.E004",
+            )
+        ]
+    return cls.check(conf.DATABASE)
+
+
+def _check_lock_window(raw: dict[str, Any]) -> list[CheckMessage]:
+    retries = raw.get("LOCK_RETRIES", DEFAULTS["LOCK_RETRIES"])
+    backoff = raw.get("LOCK_BACKOFF", DEFAULTS["LOCK_BACKOFF"])
+    if not (_count(retries) and _number(backoff, positive=False)):
+        return []  # already reported above
+    window = sum(backoff * 2**attempt for attempt in range(retries)) * 1.1
+    if window < 1.0:
+        return []
+    return [
+        Warning(
+            f"A denied lock() waits about {window:.2f} s before returning False.",
+            hint="lock() should fail fast (the event is redelivered); lower LOCK_RETRIES or "
+            "LOCK_BACKOFF so the window stays well under 1 s.",
+            id="machine_memory.W001",
+        )
+    ]

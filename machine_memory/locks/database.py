@@ -1,0 +1,111 @@
+"""Locks in the ``machine_memory_lock`` table of the state's own database.
+
+Expiry is judged by the database clock. Fencing is decided inside the state write itself:
+the UPDATE only matches while the lock row still carries this holder's token.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, ClassVar
+
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
+
+from machine_memory.exceptions import MachineMemoryError
+from machine_memory.locks.base import LockBackend, LockInfo
+from machine_memory.sql import dialect_for
+from machine_memory.sql.base import Fence
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+
+class DatabaseLockBackend(LockBackend):
+    errors: ClassVar[tuple[type[BaseException], ...]] = (DatabaseError,)
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        OperationalError,
+        InterfaceError,
+    )
+
+    def __init__(self, *, database: str) -> None:
+        super().__init__(database=database)
+        # Per thread, like Django's own connections: a second connection used only while the
+        # caller's connection is inside transaction.atomic().
+        self._local = threading.local()
+
+    def connection(self) -> BaseDatabaseWrapper:
+        """The connection lock statements run on, so they commit at once.
+
+        Outside a transaction that is the alias's own connection (autocommit). Inside the
+        caller's atomic() block a lock must not wait for, or vanish with, the caller's
+        commit, so it gets a connection of its own.
+        """
+        connection = connections[self.database]
+        if not connection.in_atomic_block:
+            return connection
+        if not dialect_for(connection).side_connection_ok:
+            raise MachineMemoryError(
+                f"lock(), unlock() and extend() cannot run inside transaction.atomic() on "
+                f"{connection.vendor} database {self.database!r}: the lock would commit with "
+                "your transaction. Take the lock before entering atomic() and release it "
+                "after the block."
+            )
+        side: BaseDatabaseWrapper | None = getattr(self._local, "connection", None)
+        if side is None:
+            side = connections.create_connection(self.database)
+            self._local.connection = side
+        return side
+
+    def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
+        connection = self.connection()
+        with connection.cursor() as cursor:
+            return dialect_for(connection).acquire(cursor, machine_id, owner, ttl)
+
+    def release(self, machine_id: str, owner: str) -> bool:
+        connection = self.connection()
+        dialect = dialect_for(connection)
+        with connection.cursor() as cursor:
+            if dialect.release(cursor, machine_id, owner):
+                return True
+            # Nothing of ours was live: fine unless someone else holds it now.
+            return not dialect.is_live(cursor, machine_id)
+
+    def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
+        connection = self.connection()
+        with connection.cursor() as cursor:
+            return dialect_for(connection).extend(cursor, machine_id, owner, token, ttl)
+
+    def info(self, machine_id: str) -> LockInfo | None:
+        from machine_memory.models import MachineLock
+
+        row = (
+            MachineLock.objects.using(self.database)
+            .live()
+            .filter(machine_id=machine_id)
+            .values_list("owner", "token", "acquired_at", "expires_at")
+            .first()
+        )
+        return None if row is None else LockInfo(*row)
+
+    def fence(self, machine_id: str, owner: str, token: int) -> Fence:
+        return Fence(lock_token=token)
+
+    def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
+        connection = connections[self.database]
+        with connection.cursor() as cursor:
+            return dialect_for(connection).lock_token(cursor, machine_id) != token
+
+    def recover(self) -> None:
+        side = getattr(self._local, "connection", None)
+        if side is not None:
+            side.close()
+            self._local.connection = None
+        connection = connections[self.database]
+        if not connection.in_atomic_block:
+            connection.close()
+
+    def close(self) -> None:
+        side = getattr(self._local, "connection", None)
+        if side is not None:
+            side.close()
+            self._local.connection = None

@@ -1,0 +1,680 @@
+"""``MachineMemory``: the Arvo ``read / write / lock / unlock`` contract on Django's databases.
+
+``BaseMachineMemory`` holds everything that is the contract itself (validation, the
+version a ``read`` handed out, retries and backoff, fencing bookkeeping, the async twins);
+a subclass supplies single-attempt storage primitives. ``MachineMemory`` stores state in
+a database and locks in a lock backend; ``testing.SimpleMachineMemory`` keeps both in
+process memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from asgiref.sync import sync_to_async
+
+from machine_memory.conf import conf
+from machine_memory.exceptions import (
+    InvalidState,
+    LockError,
+    LockLost,
+    LockNotAcquired,
+    MachineMemoryError,
+    ReadError,
+    WriteConflict,
+    WriteError,
+)
+from machine_memory.validation import (
+    decode_state,
+    encode_state,
+    json_equal,
+    resolve_metadata,
+    validate_id,
+)
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from machine_memory.locks.base import LockBackend, LockInfo
+    from machine_memory.sql.base import Metadata
+
+logger = logging.getLogger("machine_memory")
+
+T = TypeVar("T")
+
+# read gives up within this many seconds, whatever READ_RETRIES says (SPEC §2).
+READ_DEADLINE = 1.0
+# unlock never raises for storage errors: a couple of quick retries, then False.
+UNLOCK_ATTEMPTS = 3
+UNLOCK_BACKOFF = 0.02
+# How many (id, object) pairs handed out by read() are remembered for write()'s version
+# check; the oldest are forgotten first (a forgotten one falls back to a content compare).
+SEEN_LIMIT = 4096
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or a timedelta.")
+    return float(value)
+
+
+class BaseMachineMemory(ABC):
+    """The contract, on top of single-attempt storage primitives."""
+
+    def __init__(
+        self,
+        *,
+        lock_ttl: float | datetime.timedelta | None = None,
+        owner: str | None = None,
+        lock_retries: int | None = None,
+        lock_backoff: float | None = None,
+        read_retries: int | None = None,
+        read_backoff: float | None = None,
+        max_state_bytes: int | None = None,
+        cleanup: str | None = None,
+    ) -> None:
+        self.lock_ttl = _seconds(conf.LOCK_TTL if lock_ttl is None else lock_ttl, "lock_ttl")
+        self.owner = default_owner() if owner is None else owner
+        if not isinstance(self.owner, str) or not 0 < len(self.owner) <= 255:
+            raise ValueError("owner must be a non-empty str of at most 255 characters.")
+        self.lock_retries = conf.LOCK_RETRIES if lock_retries is None else lock_retries
+        self.lock_backoff = conf.LOCK_BACKOFF if lock_backoff is None else lock_backoff
+        self.read_retries = conf.READ_RETRIES if read_retries is None else read_retries
+        self.read_backoff = conf.READ_BACKOFF if read_backoff is None else read_backoff
+        self.max_state_bytes = conf.MAX_STATE_BYTES if max_state_bytes is None else max_state_bytes
+        self.cleanup_mode = conf.CLEANUP if cleanup is None else cleanup
+        if self.cleanup_mode not in ("keep", "delete"):
+            raise ValueError("cleanup must be 'keep' or 'delete'.")
+        # Locks this instance acquired and has not released: id -> fencing token.
+        self._held: dict[str, int] = {}
+        # Objects handed out by read() (and accepted by write()): (id, id(obj)) -> (obj,
+        # version). write() follows the version, not the content, because callers may
+        # mutate the object they read before passing it back as prev_data.
+        self._seen: OrderedDict[tuple[str, int], tuple[dict[str, Any], int]] = OrderedDict()
+        self._seen_lock = threading.Lock()
+        # Errors of the state storage, and the subset worth a retry on a new connection.
+        self.storage_errors: tuple[type[BaseException], ...] = ()
+        self.transient_errors: tuple[type[BaseException], ...] = ()
+
+    # -- storage primitives (one attempt each) ------------------------------------------
+
+    @abstractmethod
+    def _load(self, machine_id: str) -> tuple[Any, int] | None:
+        """The stored document (text or decoded) and its version, or None."""
+
+    @abstractmethod
+    def _store(
+        self,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata,
+        token: int | None,
+    ) -> bool:
+        """Create (expected None) or compare-and-set; fenced by ``token`` when held."""
+
+    @abstractmethod
+    def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
+        """Delete the row if it still has ``expected_version`` (fenced like ``_store``)."""
+
+    @abstractmethod
+    def _lock_lost(self, machine_id: str, token: int) -> bool:
+        """After a rejected write: was the lock with ``token`` taken over?"""
+
+    @abstractmethod
+    def _acquire(self, machine_id: str, ttl: float) -> int | None: ...
+
+    @abstractmethod
+    def _release(self, machine_id: str) -> bool: ...
+
+    @abstractmethod
+    def _extend(self, machine_id: str, token: int, ttl: float) -> bool: ...
+
+    @abstractmethod
+    def _lock_info(self, machine_id: str) -> LockInfo | None: ...
+
+    # Lock storage errors: mapped to LockError (lock, extend) or False (unlock).
+    def _lock_errors(self) -> tuple[type[BaseException], ...]:
+        return self.storage_errors
+
+    def _in_transaction(self) -> bool:
+        """True while the caller's transaction is open: no reconnecting then."""
+        return False
+
+    def _recover(self) -> None:
+        """Replace connections after a transient error."""
+
+    # -- the seen-version map -----------------------------------------------------------
+
+    def _remember(self, machine_id: str, obj: dict[str, Any], version: int) -> None:
+        with self._seen_lock:
+            self._seen[(machine_id, id(obj))] = (obj, version)
+            if len(self._seen) > SEEN_LIMIT:
+                self._seen.popitem(last=False)
+
+    def _seen_version(self, machine_id: str, obj: object) -> int | None:
+        with self._seen_lock:
+            entry = self._seen.get((machine_id, id(obj)))
+        return entry[1] if entry is not None and entry[0] is obj else None
+
+    def _forget(self, machine_id: str, obj: object) -> None:
+        with self._seen_lock:
+            entry = self._seen.get((machine_id, id(obj)))
+            if entry is not None and entry[0] is obj:
+                del self._seen[(machine_id, id(obj))]
+
+    # -- read -------------------------------------------------------------------------
+
+    def _read_delays(self) -> Iterator[float | None]:
+        """Sleep before each retry of a transient failure; None: give up."""
+        deadline = time.monotonic() + READ_DEADLINE
+        for attempt in range(self.read_retries):
+            delay = self.read_backoff * (2**attempt)
+            if self._in_transaction() or time.monotonic() + delay >= deadline:
+                break
+            yield delay
+        yield None
+
+    def _read_attempt(self, machine_id: str) -> dict[str, Any] | None:
+        row = self._load(machine_id)
+        if row is None:
+            return None
+        data = decode_state(row[0])
+        self._remember(machine_id, data, row[1])
+        return data
+
+    def read(self, machine_id: str) -> dict[str, Any] | None:
+        """The stored state (a fresh dict each call), or None when there is none yet."""
+        machine_id = validate_id(machine_id)
+        for delay in self._read_delays():
+            try:
+                return self._read_attempt(machine_id)
+            except self.transient_errors as exc:
+                if delay is None:
+                    raise ReadError(f"Reading machine {machine_id!r} failed: {exc}") from exc
+                self._recover()
+                time.sleep(delay)
+            except self.storage_errors as exc:
+                raise ReadError(f"Reading machine {machine_id!r} failed: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aread(self, machine_id: str) -> dict[str, Any] | None:
+        machine_id = validate_id(machine_id)
+        attempt = sync_to_async(self._read_attempt)
+        recover = sync_to_async(self._recover)
+        for delay in self._read_delays():
+            try:
+                return await attempt(machine_id)
+            except self.transient_errors as exc:
+                if delay is None:
+                    raise ReadError(f"Reading machine {machine_id!r} failed: {exc}") from exc
+                await recover()
+                await asyncio.sleep(delay)
+            except self.storage_errors as exc:
+                raise ReadError(f"Reading machine {machine_id!r} failed: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- write ------------------------------------------------------------------------
+
+    def write(
+        self,
+        machine_id: str,
+        data: dict[str, Any],
+        prev_data: dict[str, Any] | None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Store ``data`` if the stored state is still the one ``prev_data`` was read from."""
+        machine_id = validate_id(machine_id)
+        text = encode_state(data, self.max_state_bytes)
+        meta = resolve_metadata(data, metadata, machine_id)
+        if prev_data is not None and not isinstance(prev_data, dict):
+            raise InvalidState(
+                "prev_data must be the dict read() returned (or an equal dict), or None "
+                f"to create the state; got {type(prev_data).__name__}."
+            )
+        token = self._held.get(machine_id)
+        expected = None if prev_data is None else self._expected_version(machine_id, prev_data)
+        try:
+            stored = self._store(machine_id, text, expected, meta, token)
+        except self.transient_errors as exc:
+            stored = self._landed_after_failure(machine_id, data, expected, exc)
+        except self.storage_errors as exc:
+            raise WriteError(f"Writing machine {machine_id!r} failed: {exc}") from exc
+        if not stored:
+            self._raise_rejected(machine_id, expected, token)
+        if prev_data is not None:
+            self._forget(machine_id, prev_data)
+        self._remember(machine_id, data, 1 if expected is None else expected + 1)
+
+    def _expected_version(self, machine_id: str, prev_data: dict[str, Any]) -> int:
+        version = self._seen_version(machine_id, prev_data)
+        if version is not None:
+            return version
+        # Not an object read() handed out here: accept it if it equals the stored state,
+        # and then compare-and-set against the version that was compared. The version
+        # check in _store closes the gap between the two statements, so no row lock (and,
+        # on SQLite, no read-to-write lock upgrade) is needed.
+        try:
+            row = self._load(machine_id)
+        except self.storage_errors as exc:
+            raise WriteError(f"Writing machine {machine_id!r} failed: {exc}") from exc
+        if row is None:
+            raise WriteConflict(
+                machine_id,
+                None,
+                None,
+                f"Machine {machine_id!r} has no stored state, but prev_data was given; "
+                "pass prev_data=None to create it.",
+            )
+        if not json_equal(decode_state(row[0]), prev_data):
+            raise WriteConflict(
+                machine_id,
+                None,
+                row[1],
+                f"Machine {machine_id!r}: prev_data is neither the object read() returned nor "
+                f"equal to the stored state (version {row[1]}). Read again and retry.",
+            )
+        return row[1]
+
+    def _landed_after_failure(
+        self, machine_id: str, data: dict[str, Any], expected: int | None, exc: BaseException
+    ) -> bool:
+        """The connection died mid-write: find out on a fresh one whether it landed."""
+        error = WriteError(f"Writing machine {machine_id!r} failed: {exc}")
+        if self._in_transaction():
+            # The caller's transaction is gone with the connection: nothing was committed.
+            raise error from exc
+        self._recover()
+        try:
+            row = self._load(machine_id)
+        except self.storage_errors:
+            raise error from exc
+        landed = (
+            row is not None
+            and row[1] == (1 if expected is None else expected + 1)
+            and json_equal(decode_state(row[0]), data)
+        )
+        if not landed:
+            raise error from exc
+        logger.info("Write to %r landed although its connection failed.", machine_id)
+        return True
+
+    def _raise_rejected(self, machine_id: str, expected: int | None, token: int | None) -> None:
+        try:
+            if token is not None and self._lock_lost(machine_id, token):
+                self._held.pop(machine_id, None)
+                raise LockLost(
+                    machine_id,
+                    expected,
+                    self._current_version(machine_id),
+                    f"Machine {machine_id!r}: this worker's lock (token {token}) was taken "
+                    "over by another owner; nothing was written. Drop the event; it will be "
+                    "redelivered.",
+                )
+            actual = self._current_version(machine_id)
+        except (*self.storage_errors, *self._lock_errors()) as exc:
+            raise WriteError(f"Writing machine {machine_id!r} was rejected: {exc}") from exc
+        if expected is None:
+            raise WriteConflict(
+                machine_id,
+                None,
+                actual,
+                f"Machine {machine_id!r} already has a state (version {actual}); "
+                "read it and pass it as prev_data.",
+            )
+        raise WriteConflict(machine_id, expected, actual)
+
+    def _current_version(self, machine_id: str) -> int | None:
+        row = self._load(machine_id)
+        return None if row is None else row[1]
+
+    async def awrite(
+        self,
+        machine_id: str,
+        data: dict[str, Any],
+        prev_data: dict[str, Any] | None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        await sync_to_async(self.write)(machine_id, data, prev_data, metadata)
+
+    # -- locks ------------------------------------------------------------------------
+
+    def _lock_delays(self) -> Iterator[float | None]:
+        """Sleep before each retry on a live lock (doubling, ±10% jitter); None: give up."""
+        for attempt in range(self.lock_retries):
+            yield self.lock_backoff * (2**attempt) * random.uniform(0.9, 1.1)
+        yield None
+
+    def _lock_attempt(self, machine_id: str, ttl: float) -> bool:
+        try:
+            token = self._acquire(machine_id, ttl)
+        except self._lock_errors() as exc:
+            self._after_failed_acquire(machine_id)
+            raise LockError(f"Locking machine {machine_id!r} failed: {exc}") from exc
+        if token is None:
+            return False
+        self._held[machine_id] = token
+        return True
+
+    def _after_failed_acquire(self, machine_id: str) -> None:
+        # The acquisition may have committed before its connection died. Nobody will call
+        # unlock after a LockError, so release on a fresh connection rather than leave the
+        # id blocked for a whole TTL. Best effort: the TTL is the fallback.
+        self._recover()
+        try:
+            self._release(machine_id)
+        except self._lock_errors():
+            logger.warning("Could not release %r after a failed lock().", machine_id)
+
+    def _ttl(self, ttl: float | datetime.timedelta | None) -> float:
+        return self.lock_ttl if ttl is None else _seconds(ttl, "ttl")
+
+    def lock(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
+        """Acquire the lock; False (after a few short retries) if another owner holds it."""
+        machine_id = validate_id(machine_id)
+        seconds = self._ttl(ttl)
+        for delay in self._lock_delays():
+            if self._lock_attempt(machine_id, seconds):
+                return True
+            if delay is None:
+                return False
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def alock(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
+        machine_id = validate_id(machine_id)
+        seconds = self._ttl(ttl)
+        attempt = sync_to_async(self._lock_attempt)
+        for delay in self._lock_delays():
+            if await attempt(machine_id, seconds):
+                return True
+            if delay is None:
+                return False
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unlock_attempt(self, machine_id: str) -> bool:
+        released = self._release(machine_id)
+        self._held.pop(machine_id, None)
+        return released
+
+    def _unlock_failed(self, machine_id: str, exc: BaseException, last: bool) -> None:
+        if last:
+            logger.warning("Unlocking machine %r failed; leaving it to expire: %s", machine_id, exc)
+        else:
+            self._recover()
+
+    def unlock(self, machine_id: str) -> bool:
+        """Release this instance's lock: True if released or not held; False if another owns it.
+
+        Storage errors never raise: a couple of quick retries, then False and a warning
+        (the lock then expires by its TTL).
+        """
+        machine_id = validate_id(machine_id)
+        for attempt in range(UNLOCK_ATTEMPTS):
+            try:
+                return self._unlock_attempt(machine_id)
+            except self._lock_errors() as exc:
+                self._unlock_failed(machine_id, exc, attempt == UNLOCK_ATTEMPTS - 1)
+            if attempt < UNLOCK_ATTEMPTS - 1:
+                time.sleep(UNLOCK_BACKOFF * (2**attempt))
+        return False
+
+    async def aunlock(self, machine_id: str) -> bool:
+        machine_id = validate_id(machine_id)
+        attempt_once = sync_to_async(self._unlock_attempt)
+        failed = sync_to_async(self._unlock_failed)
+        for attempt in range(UNLOCK_ATTEMPTS):
+            try:
+                return await attempt_once(machine_id)
+            except self._lock_errors() as exc:
+                await failed(machine_id, exc, attempt == UNLOCK_ATTEMPTS - 1)
+            if attempt < UNLOCK_ATTEMPTS - 1:
+                await asyncio.sleep(UNLOCK_BACKOFF * (2**attempt))
+        return False
+
+    def extend(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
+        """Push the expiry of a lock this instance holds; False if it was lost (or never held)."""
+        machine_id = validate_id(machine_id)
+        seconds = self._ttl(ttl)
+        token = self._held.get(machine_id)
+        if token is None:
+            return False
+        try:
+            extended = self._extend(machine_id, token, seconds)
+        except self._lock_errors() as exc:
+            self._recover()
+            raise LockError(f"Extending the lock on {machine_id!r} failed: {exc}") from exc
+        if not extended:
+            self._held.pop(machine_id, None)
+        return extended
+
+    async def aextend(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> bool:
+        return await sync_to_async(self.extend)(machine_id, ttl)
+
+    def lock_info(self, machine_id: str) -> LockInfo | None:
+        """The live lock on ``machine_id`` (owner, token, acquired_at, expires_at), or None."""
+        machine_id = validate_id(machine_id)
+        try:
+            return self._lock_info(machine_id)
+        except self._lock_errors() as exc:
+            self._recover()
+            raise LockError(f"Reading the lock on {machine_id!r} failed: {exc}") from exc
+
+    async def alock_info(self, machine_id: str) -> LockInfo | None:
+        return await sync_to_async(self.lock_info)(machine_id)
+
+    def holds(self, machine_id: str) -> bool:
+        """Whether this instance acquired the lock on ``machine_id`` and has not released it."""
+        return machine_id in self._held
+
+    @contextmanager
+    def locked(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> Iterator[None]:
+        """``with memory.locked(id):`` runs the block under the lock, or raises LockNotAcquired."""
+        if not self.lock(machine_id, ttl):
+            raise LockNotAcquired(machine_id)
+        try:
+            yield
+        finally:
+            self.unlock(machine_id)
+
+    @asynccontextmanager
+    async def alocked(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> AsyncIterator[None]:
+        if not await self.alock(machine_id, ttl):
+            raise LockNotAcquired(machine_id)
+        try:
+            yield
+        finally:
+            await self.aunlock(machine_id)
+
+    # -- cleanup ----------------------------------------------------------------------
+
+    def cleanup(
+        self,
+        machine_id: str,
+        data: dict[str, Any] | None,
+        prev_data: dict[str, Any] | None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Arvo's hook after the final write: delete the state (CLEANUP="delete"), then unlock.
+
+        The delete is a compare-and-set against ``data``, the state just written: if anyone
+        wrote since, ``WriteConflict`` is raised and the state is kept.
+        """
+        machine_id = validate_id(machine_id)
+        if metadata is not None:
+            resolve_metadata(data or {}, metadata, machine_id)
+        if self.cleanup_mode == "delete":
+            self._delete_state(machine_id, data)
+        self.unlock(machine_id)
+
+    def _delete_state(self, machine_id: str, data: dict[str, Any] | None) -> None:
+        token = self._held.get(machine_id)
+        try:
+            if data is None:
+                expected = self._current_version(machine_id)
+            elif (seen := self._seen_version(machine_id, data)) is not None:
+                expected = seen
+            else:
+                expected = self._expected_version(machine_id, data)
+            if expected is None or self._remove(machine_id, expected, token):
+                if data is not None:
+                    self._forget(machine_id, data)
+                return
+            if self._current_version(machine_id) is None:
+                return  # already gone
+        except self.storage_errors as exc:
+            raise WriteError(f"Deleting machine {machine_id!r} failed: {exc}") from exc
+        self._raise_rejected(machine_id, expected, token)
+
+    async def acleanup(
+        self,
+        machine_id: str,
+        data: dict[str, Any] | None,
+        prev_data: dict[str, Any] | None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        await sync_to_async(self.cleanup)(machine_id, data, prev_data, metadata)
+
+    def close(self) -> None:
+        """Close connections this instance opened for itself."""
+
+
+class MachineMemory(BaseMachineMemory):
+    """State in ``MachineState`` rows of one database; locks in the configured backend."""
+
+    def __init__(
+        self,
+        using: str | None = None,
+        lock_backend: str | type[LockBackend] | LockBackend | None = None,
+        lock_ttl: float | datetime.timedelta | None = None,
+        owner: str | None = None,
+        **options: Any,
+    ) -> None:
+        from django.db import DatabaseError, InterfaceError, OperationalError, connections
+
+        from machine_memory.locks import backend_class
+        from machine_memory.locks.base import LockBackend
+
+        super().__init__(lock_ttl=lock_ttl, owner=owner, **options)
+        self.using = conf.DATABASE if using is None else using
+        if self.using not in connections:
+            raise MachineMemoryError(
+                f"Database alias {self.using!r} is not in settings.DATABASES; "
+                "set MACHINE_MEMORY['DATABASE'] or pass using=."
+            )
+        self.storage_errors = (DatabaseError,)
+        self.transient_errors = (OperationalError, InterfaceError)
+        backend = conf.LOCK_BACKEND if lock_backend is None else lock_backend
+        if isinstance(backend, LockBackend):
+            self.locks = backend
+        else:
+            cls = backend_class(backend) if isinstance(backend, str) else backend
+            self.locks = cls(database=self.using)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MachineMemory using={self.using!r} locks={type(self.locks).__name__} "
+            f"owner={self.owner!r}>"
+        )
+
+    def _connection(self) -> BaseDatabaseWrapper:
+        from django.db import connections
+
+        return connections[self.using]
+
+    def _run(self, operation: Callable[..., T], *args: Any) -> T:
+        from machine_memory.sql import dialect_for
+
+        connection = self._connection()
+        with connection.cursor() as cursor:
+            return operation(dialect_for(connection), cursor, *args)
+
+    def _load(self, machine_id: str) -> tuple[Any, int] | None:
+        return self._run(lambda dialect, cursor: dialect.read(cursor, machine_id))
+
+    def _store(
+        self,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata,
+        token: int | None,
+    ) -> bool:
+        from machine_memory.sql.base import NO_FENCE
+
+        fence = NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
+        if expected_version is None:
+            return self._run(
+                lambda dialect, cursor: dialect.insert_state(cursor, machine_id, text, meta, fence)
+            )
+        return self._run(
+            lambda dialect, cursor: dialect.update_state(
+                cursor, machine_id, text, expected_version, meta, fence
+            )
+        )
+
+    def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
+        from machine_memory.sql.base import NO_FENCE
+
+        fence = NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
+        return self._run(
+            lambda dialect, cursor: dialect.delete_state(
+                cursor, machine_id, expected_version, fence
+            )
+        )
+
+    def _lock_lost(self, machine_id: str, token: int) -> bool:
+        return self.locks.is_lost(machine_id, self.owner, token)
+
+    def _lock_errors(self) -> tuple[type[BaseException], ...]:
+        return self.locks.errors
+
+    def _acquire(self, machine_id: str, ttl: float) -> int | None:
+        return self.locks.acquire(machine_id, self.owner, ttl)
+
+    def _release(self, machine_id: str) -> bool:
+        return self.locks.release(machine_id, self.owner)
+
+    def _extend(self, machine_id: str, token: int, ttl: float) -> bool:
+        return self.locks.extend(machine_id, self.owner, token, ttl)
+
+    def _lock_info(self, machine_id: str) -> LockInfo | None:
+        return self.locks.info(machine_id)
+
+    def _in_transaction(self) -> bool:
+        return self._connection().in_atomic_block
+
+    def _recover(self) -> None:
+        connection = self._connection()
+        if not connection.in_atomic_block:
+            connection.close()
+        self.locks.recover()
+
+    def close(self) -> None:
+        self.locks.close()

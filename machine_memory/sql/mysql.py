@@ -1,0 +1,102 @@
+"""MariaDB (>= 10.6) statements through mysqlclient.
+
+Django's MySQL connection sets CLIENT.FOUND_ROWS, so ``rowcount`` is the number of rows a
+WHERE matched: every race here is decided by a conditional UPDATE or an INSERT IGNORE whose
+count means exactly "won" or "lost".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from machine_memory.exceptions import MachineMemoryError
+from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, Fence, Metadata
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+    from django.db.backends.utils import CursorWrapper
+
+TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
+
+
+class MySQLDialect(Dialect):
+    vendor = "mysql"
+    # Django stores naive UTC datetimes on MySQL; CURRENT_TIMESTAMP would follow the
+    # session time zone.
+    now_sql = "UTC_TIMESTAMP(6)"
+
+    def id_collation(self, connection: BaseDatabaseWrapper) -> str | None:
+        # Binary and NO PAD: ids differing only in case, accents or trailing spaces stay
+        # distinct. https://mariadb.com/kb/en/supported-character-sets-and-collations/
+        if getattr(connection, "mysql_is_mariadb", True):
+            return "utf8mb4_nopad_bin"
+        return "utf8mb4_0900_bin"
+
+    def expires_sql(self) -> str:
+        return "UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
+
+    def ttl_param(self, seconds: float) -> Any:
+        return round(float(seconds) * 1_000_000)
+
+    def install(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
+        if getattr(schema_editor.connection, "mysql_is_mariadb", False):
+            schema_editor.execute(f"CREATE SEQUENCE IF NOT EXISTS {TOKEN_SEQUENCE}")
+
+    def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
+        if getattr(schema_editor.connection, "mysql_is_mariadb", False):
+            schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
+
+    def insert_state(
+        self,
+        cursor: CursorWrapper,
+        machine_id: str,
+        text: str,
+        meta: Metadata,
+        fence: Fence,
+    ) -> bool:
+        where, where_params = self._lock_condition(fence, machine_id)
+        now = self.now_sql
+        # INSERT IGNORE reports 0 rows for a duplicate key without raising, so a losing
+        # create inside the caller's transaction does not poison it.
+        cursor.execute(
+            f"INSERT IGNORE INTO {STATE_TABLE} (machine_id, state, version, fence,"
+            " execution_status, parent_id, initiator, source, created_at, updated_at)"
+            f" SELECT %s, %s, 1, %s, %s, %s, %s, %s, {now}, {now} FROM DUAL WHERE 1 = 1{where}",
+            [machine_id, text, fence.fence_token or 0, *meta, *where_params],
+        )
+        return cursor.rowcount == 1
+
+    def acquire(
+        self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float
+    ) -> int | None:
+        connection = cursor.db
+        if not getattr(connection, "mysql_is_mariadb", False):
+            raise MachineMemoryError(
+                "Database locks on MySQL need sequences, which only MariaDB has; "
+                "use MariaDB or MACHINE_MEMORY['LOCK_BACKEND'] = 'redis'."
+            )
+        ttl_param = self.ttl_param(ttl)
+        # LAST_INSERT_ID(expr) hands the new token back through the protocol's insert id
+        # (cursor.lastrowid), which saves the SELECT that MariaDB's lack of UPDATE ...
+        # RETURNING would otherwise cost.
+        cursor.execute(
+            f"UPDATE {LOCK_TABLE} SET owner = %s,"
+            f" token = LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+            f" acquired_at = UTC_TIMESTAMP(6), expires_at = {self.expires_sql()}"
+            " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)",
+            [owner, ttl_param, machine_id],
+        )
+        if cursor.rowcount == 1:
+            return int(cursor.lastrowid)
+        # No expired row to take over: either a live lock exists or this is the first use
+        # of the id. INSERT IGNORE settles which without raising.
+        cursor.execute(
+            f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
+            f" expires_at) VALUES (%s, %s, LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+            f" UTC_TIMESTAMP(6), {self.expires_sql()})",
+            [machine_id, owner, ttl_param],
+        )
+        if cursor.rowcount == 1:
+            return int(cursor.lastrowid)
+        return None

@@ -1,0 +1,193 @@
+"""Input validation shared by every memory implementation (database and in-process).
+
+Everything here runs before storage is touched, so a bad id or state raises a specific
+``ValueError`` subclass and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from machine_memory.exceptions import InvalidMachineId, InvalidState
+
+MAX_ID_LENGTH = 512
+
+# Column sizes of the metadata columns (models.MachineState); derived values are cut to fit.
+METADATA_LENGTHS = {
+    "execution_status": 64,
+    "parent_id": MAX_ID_LENGTH,
+    "initiator": 255,
+    "source": 255,
+}
+
+# Arvo's MachineMemoryMetadata keys -> our columns, and the state document keys that supply
+# them when no metadata is passed.
+METADATA_KEYS = {"parent_subject": "parent_id", "initiator": "initiator", "source": "source"}
+DOCUMENT_KEYS = {
+    "executionStatus": "execution_status",
+    "parentSubject": "parent_id",
+    "initiator": "initiator",
+    "source": "source",
+}
+
+_encoder = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def validate_id(machine_id: object) -> str:
+    if type(machine_id) is not str:
+        if not isinstance(machine_id, str):
+            raise InvalidMachineId(
+                f"Machine ids must be str, not {type(machine_id).__name__}; "
+                "pass the Arvo subject as a string."
+            )
+        machine_id = str(machine_id)
+    if not machine_id:
+        raise InvalidMachineId("Machine id must be a non-empty string.")
+    if len(machine_id) > MAX_ID_LENGTH:
+        raise InvalidMachineId(
+            f"Machine id is {len(machine_id)} characters long; the limit is {MAX_ID_LENGTH}."
+        )
+    if "\x00" in machine_id:
+        raise InvalidMachineId("Machine id must not contain NUL characters.")
+    if not machine_id.isascii():
+        try:
+            machine_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidMachineId(
+                "Machine id contains unpaired surrogates and cannot be stored as UTF-8."
+            ) from None
+    return machine_id
+
+
+def _check_keys(value: Any, depth: int = 0) -> None:
+    # json.dumps silently turns int/float/bool/None keys into strings, so a state written as
+    # {1: "a"} would read back as {"1": "a"}: refuse it instead, at any depth.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) is not str:
+                raise InvalidState(
+                    f"State keys must be str at every depth; found {type(key).__name__} key "
+                    f"{key!r}. Convert keys to strings before writing."
+                )
+            if isinstance(item, dict | list | tuple):
+                _check_keys(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if isinstance(item, dict | list | tuple):
+                _check_keys(item, depth + 1)
+
+
+def encode_state(data: object, max_bytes: int) -> str:
+    """Validate ``data`` and return its compact JSON text."""
+    if not isinstance(data, dict):
+        raise InvalidState(
+            f"State must be a dict (a JSON object), not {type(data).__name__}."
+        )
+    try:
+        _check_keys(data)
+        text = _encoder.encode(data)
+    except RecursionError:
+        raise InvalidState("State is nested too deeply to encode as JSON.") from None
+    except ValueError as exc:  # NaN/Infinity, circular references
+        raise InvalidState(
+            f"State is not strict JSON ({exc}); NaN, Infinity and cycles are not allowed."
+        ) from None
+    except TypeError as exc:  # sets, bytes, datetimes, arbitrary objects
+        raise InvalidState(f"State is not JSON-serialisable: {exc}.") from None
+    size = len(text) if text.isascii() else _utf8_length(text)
+    if size > max_bytes:
+        raise InvalidState(
+            f"State is {size} bytes as compact JSON; the limit is {max_bytes} "
+            "(MACHINE_MEMORY['MAX_STATE_BYTES'])."
+        )
+    return text
+
+
+def _utf8_length(text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidState(
+            "State contains unpaired surrogates and cannot be stored as UTF-8."
+        ) from None
+
+
+def decode_state(stored: Any) -> dict[str, Any]:
+    """Turn a stored document (text, or already decoded by the driver) into a fresh dict."""
+    if isinstance(stored, str | bytes | bytearray | memoryview):
+        result = json.loads(bytes(stored) if isinstance(stored, memoryview) else stored)
+    else:
+        # Some drivers decode JSON themselves; a JSON round trip still gives a fresh copy.
+        result = json.loads(_encoder.encode(stored))
+    if not isinstance(result, dict):
+        raise InvalidState(f"Stored state is a {type(result).__name__}, not a JSON object.")
+    return result
+
+
+def resolve_metadata(
+    data: Mapping[str, Any], metadata: Mapping[str, Any] | None, machine_id: str
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """Return (execution_status, parent_id, initiator, source) for the metadata columns."""
+    values: dict[str, str | None] = dict.fromkeys(METADATA_LENGTHS)
+    for key, column in DOCUMENT_KEYS.items():
+        item = data.get(key)
+        if isinstance(item, str):
+            values[column] = item[: METADATA_LENGTHS[column]]
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise InvalidState(
+                f"metadata must be a mapping, not {type(metadata).__name__}."
+            )
+        unknown = set(metadata) - {"subject", *METADATA_KEYS}
+        if unknown:
+            raise InvalidState(
+                f"Unknown metadata keys {sorted(unknown)!r}; allowed: subject, "
+                "parent_subject, initiator, source."
+            )
+        subject = metadata.get("subject")
+        if subject is not None and subject != machine_id:
+            raise InvalidState(
+                f"metadata['subject'] is {subject!r} but the machine id is {machine_id!r}; "
+                "the subject is the machine id."
+            )
+        for key, column in METADATA_KEYS.items():
+            if key not in metadata:
+                continue
+            item = metadata[key]
+            if item is not None and not isinstance(item, str):
+                raise InvalidState(f"metadata[{key!r}] must be a str or None.")
+            if item is not None and len(item) > METADATA_LENGTHS[column]:
+                raise InvalidState(
+                    f"metadata[{key!r}] is longer than {METADATA_LENGTHS[column]} characters."
+                )
+            values[column] = item
+    return (
+        values["execution_status"],
+        values["parent_id"],
+        values["initiator"],
+        values["source"],
+    )
+
+
+def json_equal(left: Any, right: Any) -> bool:
+    """Equality of two JSON values as JSON sees them: 1 == 1.0, but True != 1."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return type(left) is type(right) and left == right
+    if isinstance(left, int | float) and isinstance(right, int | float):
+        return left == right or (math.isnan(left) and math.isnan(right))
+    if isinstance(left, dict):
+        return (
+            isinstance(right, dict)
+            and left.keys() == right.keys()
+            and all(json_equal(value, right[key]) for key, value in left.items())
+        )
+    if isinstance(left, list | tuple):
+        return (
+            isinstance(right, list | tuple)
+            and len(left) == len(right)
+            and all(json_equal(a, b) for a, b in zip(left, right, strict=True))
+        )
+    return type(left) is type(right) and bool(left == right)

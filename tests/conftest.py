@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections
+from django.test.utils import setup_databases, teardown_databases
+
+from machine_memory import MachineMemory
+from tests.support import VENDOR_IDS, enable_sqlite_pragmas, in_ci, new_id
+
+enable_sqlite_pragmas()
+
+# alias -> why it cannot be used in this run (unreachable server)
+UNAVAILABLE: dict[str, str] = {}
+
+
+def _reachable(alias: str) -> str | None:
+    try:
+        connections[alias].ensure_connection()
+    except Exception as exc:
+        return f"{alias} ({settings.DATABASES[alias]['ENGINE']}) unreachable: {exc}"
+    finally:
+        connections[alias].close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_blocker: Any) -> Iterator[None]:
+    with django_db_blocker.unblock():
+        aliases = []
+        for alias in settings.REAL_DATABASES:
+            reason = _reachable(alias)
+            if reason is None:
+                aliases.append(alias)
+            elif in_ci():
+                pytest.exit(f"CI is set and a database is down: {reason}", returncode=3)
+            else:
+                UNAVAILABLE[alias] = reason
+        old = setup_databases(
+            verbosity=0, interactive=False, aliases=set(aliases), serialized_aliases=set()
+        )
+    yield
+    with django_db_blocker.unblock():
+        for connection in connections.all():
+            connection.close()
+        teardown_databases(old, verbosity=0)
+
+
+@pytest.fixture
+def db_access(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Real autocommit connections (no wrapping test transaction): ids are unique per test."""
+    with django_db_blocker.unblock():
+        yield
+        for connection in connections.all():
+            connection.close()
+
+
+@pytest.fixture(params=list(VENDOR_IDS), ids=list(VENDOR_IDS.values()))
+def alias(request: pytest.FixtureRequest, db_access: None) -> str:
+    name: str = request.param
+    if name in UNAVAILABLE:
+        pytest.skip(UNAVAILABLE[name])
+    return name
+
+
+@pytest.fixture
+def memory(alias: str) -> Iterator[MachineMemory]:
+    mem = MachineMemory(using=alias)
+    yield mem
+    mem.close()
+
+
+@pytest.fixture
+def mid() -> str:
+    return new_id()
