@@ -46,7 +46,22 @@ def django_db_setup(django_db_blocker: Any) -> Iterator[None]:
     with django_db_blocker.unblock():
         for connection in connections.all():
             connection.close()
+        _end_stray_sessions(aliases)
         teardown_databases(old, verbosity=0)
+
+
+def _end_stray_sessions(aliases: list[str]) -> None:
+    # Connections opened by other threads (asgiref's executor, worker threads that died
+    # with a failed assertion) would keep PostgreSQL from dropping the test database.
+    if "postgres" not in aliases:
+        return
+    connection = connections["postgres"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    connection.close()
 
 
 @pytest.fixture

@@ -1,0 +1,565 @@
+"""Test helpers for users of machine_memory (and for the app's own backends).
+
+``SimpleMachineMemory`` keeps state and locks in process memory with the same semantics as
+``MachineMemory``: validation, versions, TTL, owners, fencing. Instances made with the same
+``SimpleStore`` (or ``peer()``) behave like workers sharing one database.
+
+``MachineMemoryConformance`` is the contract as tests. Subclass it in a pytest module and
+implement ``make_memory()``; every ``test_*`` method then runs against your memory::
+
+    class TestMyMemory(MachineMemoryConformance):
+        def make_memory(self, **options):
+            return MachineMemory(using="default", **options)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from machine_memory.exceptions import (
+    InvalidMachineId,
+    InvalidState,
+    LockLost,
+    LockNotAcquired,
+    WriteConflict,
+)
+from machine_memory.locks.base import LockInfo
+from machine_memory.memory import BaseMachineMemory
+from machine_memory.sql.base import Metadata
+from machine_memory.validation import MAX_ID_LENGTH
+
+__all__ = ["MachineMemoryConformance", "SimpleMachineMemory", "SimpleStore"]
+
+
+@dataclass
+class _Lock:
+    owner: str
+    token: int
+    acquired_at: datetime.datetime
+    expires: float  # time.monotonic() deadline; the wall clock plays no part in decisions
+
+
+@dataclass
+class SimpleStore:
+    """The shared "database" of a group of SimpleMachineMemory instances."""
+
+    states: dict[str, tuple[str, int, Metadata]] = field(default_factory=dict)
+    locks: dict[str, _Lock] = field(default_factory=dict)
+    last_token: int = 0
+    mutex: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SimpleMachineMemory(BaseMachineMemory):
+    """In-process machine memory with the full contract; thread-safe."""
+
+    def __init__(self, store: SimpleStore | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.store = SimpleStore() if store is None else store
+
+    def peer(self, **options: Any) -> SimpleMachineMemory:
+        """Another worker (another owner) on the same store."""
+        return SimpleMachineMemory(store=self.store, **options)
+
+    def _live(self, machine_id: str) -> _Lock | None:
+        held = self.store.locks.get(machine_id)
+        return held if held is not None and held.expires > time.monotonic() else None
+
+    def _load(self, machine_id: str) -> tuple[Any, int] | None:
+        with self.store.mutex:
+            row = self.store.states.get(machine_id)
+        return None if row is None else (row[0], row[1])
+
+    def _fenced_out(self, machine_id: str, token: int | None) -> bool:
+        if token is None:
+            return False
+        held = self.store.locks.get(machine_id)
+        return held is None or held.token != token
+
+    def _store(
+        self,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata,
+        token: int | None,
+    ) -> bool:
+        with self.store.mutex:
+            if self._fenced_out(machine_id, token):
+                return False
+            row = self.store.states.get(machine_id)
+            if expected_version is None:
+                if row is not None:
+                    return False
+                self.store.states[machine_id] = (text, 1, meta)
+                return True
+            if row is None or row[1] != expected_version:
+                return False
+            self.store.states[machine_id] = (text, expected_version + 1, meta)
+            return True
+
+    def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
+        with self.store.mutex:
+            row = self.store.states.get(machine_id)
+            if self._fenced_out(machine_id, token) or row is None or row[1] != expected_version:
+                return False
+            del self.store.states[machine_id]
+            return True
+
+    def _lock_lost(self, machine_id: str, token: int) -> bool:
+        with self.store.mutex:
+            return self._fenced_out(machine_id, token)
+
+    def _acquire(self, machine_id: str, ttl: float) -> int | None:
+        with self.store.mutex:
+            if self._live(machine_id) is not None:
+                return None
+            self.store.last_token += 1
+            self.store.locks[machine_id] = _Lock(
+                self.owner,
+                self.store.last_token,
+                datetime.datetime.now(datetime.UTC),
+                time.monotonic() + ttl,
+            )
+            return self.store.last_token
+
+    def _release(self, machine_id: str) -> bool:
+        with self.store.mutex:
+            held = self._live(machine_id)
+            if held is None:
+                return True
+            if held.owner != self.owner:
+                return False
+            held.expires = time.monotonic()  # keep the row, like the database backend
+            return True
+
+    def _extend(self, machine_id: str, token: int, ttl: float) -> bool:
+        with self.store.mutex:
+            held = self._live(machine_id)
+            if held is None or held.owner != self.owner or held.token != token:
+                return False
+            held.expires = time.monotonic() + ttl
+            return True
+
+    def _lock_info(self, machine_id: str) -> LockInfo | None:
+        with self.store.mutex:
+            held = self._live(machine_id)
+            if held is None:
+                return None
+            remaining = datetime.timedelta(seconds=held.expires - time.monotonic())
+            return LockInfo(
+                held.owner,
+                held.token,
+                held.acquired_at,
+                datetime.datetime.now(datetime.UTC) + remaining,
+            )
+
+
+@contextmanager
+def _raises(*kinds: type[BaseException]) -> Iterator[list[BaseException]]:
+    caught: list[BaseException] = []
+    try:
+        yield caught
+    except kinds as exc:
+        caught.append(exc)
+    else:
+        raise AssertionError(f"expected {', '.join(k.__name__ for k in kinds)}")
+
+
+class MachineMemoryConformance:
+    """The SPEC §2 contract as tests; subclass and implement ``make_memory``.
+
+    ``make_memory`` must return a new instance (a new owner) on every call, all sharing
+    one storage, so that two calls behave like two workers.
+    """
+
+    # A TTL short enough to wait out in a test, long enough for a round trip.
+    short_ttl = 0.3
+
+    def make_memory(self, **options: Any) -> BaseMachineMemory:
+        raise NotImplementedError
+
+    def new_id(self) -> str:
+        return f"conformance/{uuid.uuid4().hex}+=="
+
+    # -- Arvo's own cases --------------------------------------------------------------
+
+    def test_read_unknown_id_is_none(self) -> None:
+        assert self.make_memory().read(self.new_id()) is None
+
+    def test_empty_id_raises_on_every_method(self) -> None:
+        memory = self.make_memory()
+        calls = [
+            lambda: memory.read(""),
+            lambda: memory.write("", {"a": 1}, None),
+            lambda: memory.lock(""),
+            lambda: memory.unlock(""),
+            lambda: memory.extend(""),
+            lambda: memory.lock_info(""),
+            lambda: memory.cleanup("", {"a": 1}, None),
+        ]
+        for call in calls:
+            with _raises(InvalidMachineId):
+                call()
+
+    def test_none_data_raises(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        with _raises(InvalidState):
+            memory.write(machine_id, None, None)  # type: ignore[arg-type]
+        assert memory.read(machine_id) is None
+
+    def test_write_copies_its_input(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        data: dict[str, Any] = {"items": [1, 2], "nested": {"k": "v"}}
+        memory.write(machine_id, data, None)
+        data["items"].append(3)
+        data["nested"]["k"] = "changed"
+        assert memory.read(machine_id) == {"items": [1, 2], "nested": {"k": "v"}}
+
+    def test_read_returns_a_fresh_object_each_call(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        memory.write(machine_id, {"a": {"b": 1}}, None)
+        first = memory.read(machine_id)
+        assert first is not None
+        first["a"]["b"] = 2
+        assert memory.read(machine_id) == {"a": {"b": 1}}
+
+    def test_lock_twice_is_denied(self) -> None:
+        memory, machine_id = self.make_memory(lock_retries=0), self.new_id()
+        assert memory.lock(machine_id) is True
+        assert memory.lock(machine_id) is False
+        assert memory.unlock(machine_id) is True
+
+    def test_unlock_when_unlocked_is_true(self) -> None:
+        assert self.make_memory().unlock(self.new_id()) is True
+
+    def test_lock_after_unlock(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        assert memory.lock(machine_id)
+        assert memory.unlock(machine_id)
+        assert memory.lock(machine_id)
+        assert memory.unlock(machine_id)
+
+    def test_full_cycle(self) -> None:
+        memory, machine_id = self.make_memory(lock_retries=0), self.new_id()
+        memory.write(machine_id, {"step": 1}, None)
+        state = memory.read(machine_id)
+        assert state == {"step": 1}
+        assert memory.lock(machine_id) is True
+        assert memory.lock(machine_id) is False
+        assert memory.unlock(machine_id) is True
+        assert memory.lock(machine_id) is True
+        memory.write(machine_id, {"step": 2}, state)
+        assert memory.read(machine_id) == {"step": 2}
+        assert memory.unlock(machine_id) is True
+
+    # -- compare-and-set ---------------------------------------------------------------
+
+    def test_create_over_existing_state_conflicts(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        memory.write(machine_id, {"v": 1}, None)
+        with _raises(WriteConflict) as caught:
+            memory.write(machine_id, {"v": 2}, None)
+        error = caught[0]
+        assert isinstance(error, WriteConflict)
+        assert (error.id, error.expected_version, error.actual_version) == (machine_id, None, 1)
+        assert memory.read(machine_id) == {"v": 1}
+
+    def test_stale_prev_data_conflicts(self) -> None:
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        first.write(machine_id, {"v": 0}, None)
+        old = first.read(machine_id)
+        seen_by_second = second.read(machine_id)
+        second.write(machine_id, {"v": 1}, seen_by_second)
+        with _raises(WriteConflict) as caught:
+            first.write(machine_id, {"v": 2}, old)
+        error = caught[0]
+        assert isinstance(error, WriteConflict) and not isinstance(error, LockLost)
+        assert (error.expected_version, error.actual_version) == (1, 2)
+        assert first.read(machine_id) == {"v": 1}
+
+    def test_mutated_prev_data_is_accepted(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        memory.write(machine_id, {"count": 1, "log": []}, None)
+        state = memory.read(machine_id)
+        assert state is not None
+        state["count"] += 1  # Arvo's resumable handlers mutate what they read
+        state["log"].append("x")
+        memory.write(machine_id, {"count": state["count"], "log": state["log"]}, state)
+        assert memory.read(machine_id) == {"count": 2, "log": ["x"]}
+
+    def test_equal_plain_dict_is_accepted(self) -> None:
+        writer, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        writer.write(machine_id, {"a": [1, 2.5, True, None], "b": {"c": "d"}}, None)
+        # As if it came from another process through JSON: equal, but not the same object.
+        other.write(machine_id, {"a": 2}, {"b": {"c": "d"}, "a": [1, 2.5, True, None]})
+        assert writer.read(machine_id) == {"a": 2}
+
+    def test_unequal_plain_dict_conflicts(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        memory.write(machine_id, {"a": 1}, None)
+        with _raises(WriteConflict):
+            memory.write(machine_id, {"a": 3}, {"a": 2})
+        with _raises(WriteConflict):
+            memory.write(machine_id, {"a": 3}, {"a": True})  # JSON true is not 1
+        assert memory.read(machine_id) == {"a": 1}
+
+    def test_prev_data_for_a_missing_state_conflicts(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        with _raises(WriteConflict) as caught:
+            memory.write(machine_id, {"a": 2}, {"a": 1})
+        error = caught[0]
+        assert isinstance(error, WriteConflict) and error.actual_version is None
+        assert memory.read(machine_id) is None
+
+    def test_chained_writes_follow_the_written_object(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        first: dict[str, Any] = {"n": 1}
+        memory.write(machine_id, first, None)
+        second = {"n": 2}
+        memory.write(machine_id, second, first)
+        with _raises(WriteConflict):
+            memory.write(machine_id, {"n": 3}, first)  # first is no longer current
+        assert memory.read(machine_id) == {"n": 2}
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def test_denied_lock_retries_then_returns_false(self) -> None:
+        holder, waiter, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert holder.lock(machine_id)
+        attempts = 0
+        acquire = waiter._acquire
+
+        def counting(*args: Any) -> int | None:
+            nonlocal attempts
+            attempts += 1
+            return acquire(*args)
+
+        waiter._acquire = counting  # type: ignore[method-assign]
+        started = time.monotonic()
+        assert waiter.lock(machine_id) is False
+        elapsed = time.monotonic() - started
+        assert attempts == waiter.lock_retries + 1
+        window = sum(waiter.lock_backoff * 2**n for n in range(waiter.lock_retries))
+        assert window * 0.9 <= elapsed < 1.0
+        assert holder.unlock(machine_id)
+
+    def test_non_owner_unlock_is_false_and_the_lock_stays(self) -> None:
+        holder, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert holder.lock(machine_id)
+        assert other.unlock(machine_id) is False
+        info = other.lock_info(machine_id)
+        assert info is not None and info.owner == holder.owner
+        assert holder.unlock(machine_id) is True
+        assert other.lock_info(machine_id) is None
+
+    def test_expired_lock_is_taken_over(self) -> None:
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert first.lock(machine_id, ttl=self.short_ttl)
+        assert second.lock(machine_id, ttl=self.short_ttl) is False or True  # may be slow
+        time.sleep(self.short_ttl + 0.1)
+        assert second.lock(machine_id)
+        info = second.lock_info(machine_id)
+        assert info is not None and info.owner == second.owner
+        assert first.unlock(machine_id) is False  # not first's any more
+        assert second.unlock(machine_id)
+
+    def test_extend_keeps_the_lock_alive(self) -> None:
+        holder, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert holder.lock(machine_id, ttl=self.short_ttl)
+        before = holder.lock_info(machine_id)
+        assert holder.extend(machine_id, ttl=self.short_ttl * 4)
+        after = holder.lock_info(machine_id)
+        assert before is not None and after is not None
+        assert after.expires_at > before.expires_at and after.token == before.token
+        time.sleep(self.short_ttl + 0.1)
+        assert other.lock(machine_id) is False
+        assert holder.unlock(machine_id)
+
+    def test_extend_of_a_lost_or_foreign_lock_is_false(self) -> None:
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert second.extend(machine_id) is False  # never held
+        assert first.lock(machine_id, ttl=self.short_ttl)
+        assert second.extend(machine_id) is False  # held by another
+        time.sleep(self.short_ttl + 0.1)
+        assert first.extend(machine_id) is False  # expired
+        assert second.lock(machine_id)
+        assert first.extend(machine_id) is False
+        assert second.unlock(machine_id)
+
+    def test_fencing_rejects_a_write_after_takeover(self) -> None:
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        first.write(machine_id, {"owner": "nobody"}, None)
+        assert first.lock(machine_id, ttl=self.short_ttl)
+        state = first.read(machine_id)
+        time.sleep(self.short_ttl + 0.1)
+        assert second.lock(machine_id)
+        assert second.unlock(machine_id)  # taken over and released again: still lost
+        with _raises(LockLost) as caught:
+            first.write(machine_id, {"owner": "first"}, state)
+        assert isinstance(caught[0], WriteConflict)
+        assert second.read(machine_id) == {"owner": "nobody"}
+
+    def test_expired_lock_without_takeover_still_writes(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        assert memory.lock(machine_id, ttl=self.short_ttl)
+        time.sleep(self.short_ttl + 0.1)
+        memory.write(machine_id, {"late": True}, None)
+        assert memory.read(machine_id) == {"late": True}
+        assert memory.unlock(machine_id)
+
+    def test_write_without_a_lock_is_only_version_checked(self) -> None:
+        holder, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert holder.lock(machine_id)
+        other.write(machine_id, {"a": 1}, None)
+        assert holder.read(machine_id) == {"a": 1}
+        assert holder.unlock(machine_id)
+
+    def test_fencing_tokens_increase_across_unlocks(self) -> None:
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        tokens = []
+        for memory in (first, second, first, second):
+            assert memory.lock(machine_id)
+            info = memory.lock_info(machine_id)
+            assert info is not None and info.owner == memory.owner
+            tokens.append(info.token)
+            assert memory.unlock(machine_id)
+        assert tokens == sorted(set(tokens))
+
+    def test_lock_info(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        assert memory.lock_info(machine_id) is None
+        assert memory.lock(machine_id, ttl=60)
+        info = memory.lock_info(machine_id)
+        assert info is not None
+        assert info.owner == memory.owner
+        assert 59 <= (info.expires_at - info.acquired_at).total_seconds() <= 61
+        assert memory.unlock(machine_id)
+        assert memory.lock_info(machine_id) is None
+
+    def test_locked_context_manager(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        with memory.locked(machine_id):
+            assert memory.holds(machine_id)
+            with _raises(LockNotAcquired):
+                with other.locked(machine_id):
+                    raise AssertionError("must not run")
+        assert not memory.holds(machine_id)
+        assert other.lock(machine_id)
+        assert other.unlock(machine_id)
+
+    # -- cleanup -------------------------------------------------------------------------
+
+    def test_cleanup_keep_releases_only(self) -> None:
+        memory, machine_id = self.make_memory(cleanup="keep"), self.new_id()
+        assert memory.lock(machine_id)
+        final = {"executionStatus": "done"}
+        memory.write(machine_id, final, None)
+        memory.cleanup(machine_id, final, None)
+        assert memory.read(machine_id) == final
+        assert memory.lock_info(machine_id) is None
+
+    def test_cleanup_delete_removes_state_and_releases(self) -> None:
+        memory, machine_id = self.make_memory(cleanup="delete"), self.new_id()
+        assert memory.lock(machine_id)
+        memory.write(machine_id, {"s": 1}, None)
+        state = memory.read(machine_id)
+        final = {"s": 2, "executionStatus": "done"}
+        memory.write(machine_id, final, state)
+        memory.cleanup(machine_id, final, state)
+        assert memory.read(machine_id) is None
+        assert memory.lock_info(machine_id) is None
+
+    def test_cleanup_delete_keeps_a_state_written_since(self) -> None:
+        memory, other, machine_id = self.make_memory(cleanup="delete"), self.make_memory(), self.new_id()
+        final: dict[str, Any] = {"s": 1}
+        memory.write(machine_id, final, None)
+        other.write(machine_id, {"s": 2}, other.read(machine_id))
+        with _raises(WriteConflict):
+            memory.cleanup(machine_id, final, None)
+        assert memory.read(machine_id) == {"s": 2}
+
+    # -- bad input -----------------------------------------------------------------------
+
+    def test_bad_ids_raise_before_storage(self) -> None:
+        memory = self.make_memory()
+        for bad in [None, 42, b"bytes", "x" * (MAX_ID_LENGTH + 1), "nul\x00inside"]:
+            for call in (memory.read, memory.lock, memory.unlock):
+                with _raises(InvalidMachineId) as caught:
+                    call(bad)  # type: ignore[arg-type]
+                assert isinstance(caught[0], ValueError)
+            with _raises(InvalidMachineId):
+                memory.write(bad, {"a": 1}, None)  # type: ignore[arg-type]
+
+    def test_bad_states_raise_and_write_nothing(self) -> None:
+        memory, machine_id = self.make_memory(max_state_bytes=1000), self.new_id()
+        bad_states: list[Any] = [
+            [1, 2],
+            "text",
+            {1: "int key"},
+            {"deep": [{"ok": {2: "int key below"}}]},
+            {"a set": {1, 2}},
+            {"nan": float("nan")},
+            {"inf": [float("inf")]},
+            {"big": "x" * 1000},
+        ]
+        for bad in bad_states:
+            with _raises(InvalidState) as caught:
+                memory.write(machine_id, bad, None)
+            assert isinstance(caught[0], ValueError)
+        assert memory.read(machine_id) is None
+        memory.write(machine_id, {"big": "x" * 900}, None)  # within the limit
+        assert memory.read(machine_id) == {"big": "x" * 900}
+
+    def test_long_unusual_ids_round_trip(self) -> None:
+        memory = self.make_memory()
+        tail = "/+= é漢🙂 ~ "
+        unique = uuid.uuid4().hex
+        machine_id = (unique + tail * 60)[:MAX_ID_LENGTH]
+        assert len(machine_id) == MAX_ID_LENGTH
+        memory.write(machine_id, {"id": machine_id}, None)
+        assert memory.read(machine_id) == {"id": machine_id}
+        assert memory.lock(machine_id)
+        info = memory.lock_info(machine_id)
+        assert info is not None and info.owner == memory.owner
+        assert memory.unlock(machine_id)
+
+    def test_ids_compare_exactly(self) -> None:
+        memory = self.make_memory()
+        base = f"Case-{uuid.uuid4().hex}-e"
+        variants = [base, base.upper(), base + " ", base[:-1] + "é", base[:-1] + "É"]
+        for number, machine_id in enumerate(variants):
+            memory.write(machine_id, {"n": number}, None)
+        for number, machine_id in enumerate(variants):
+            assert memory.read(machine_id) == {"n": number}
+            assert memory.lock(machine_id)
+        for machine_id in variants:
+            assert memory.unlock(machine_id)
+
+    # -- async twins ---------------------------------------------------------------------
+
+    def test_async_twins(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+
+        async def scenario() -> None:
+            assert await memory.aread(machine_id) is None
+            assert await memory.alock(machine_id)
+            assert await other.alock(machine_id) is False
+            await memory.awrite(machine_id, {"a": 1}, None)
+            state = await memory.aread(machine_id)
+            assert state == {"a": 1}
+            assert await memory.aextend(machine_id)
+            await memory.awrite(machine_id, {"a": 2}, state)
+            assert await memory.aunlock(machine_id)
+            async with other.alocked(machine_id):
+                assert (await other.alock_info(machine_id)) is not None
+            assert await memory.alock_info(machine_id) is None
+
+        asyncio.run(scenario())
