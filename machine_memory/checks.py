@@ -32,16 +32,31 @@ def _count(value: Any) -> bool:
 
 # key -> (check id, rule, what the value must be)
 VALUE_RULES: dict[str, tuple[str, Rule, str]] = {
-    "DATABASE": ("E003", lambda v: isinstance(v, str) and v in settings.DATABASES,
-                 "an alias from settings.DATABASES"),
-    "LOCK_TTL": ("E005", lambda v: isinstance(v, datetime.timedelta) and v.total_seconds() > 0
-                 or _number(v, positive=True), "a positive number of seconds or a timedelta"),
+    "DATABASE": (
+        "E003",
+        lambda v: isinstance(v, str) and v in settings.DATABASES,
+        "an alias from settings.DATABASES",
+    ),
+    "LOCK_TTL": (
+        "E005",
+        lambda v: (
+            (isinstance(v, datetime.timedelta) and v.total_seconds() > 0)
+            or _number(v, positive=True)
+        ),
+        "a positive number of seconds or a timedelta",
+    ),
     "LOCK_RETRIES": ("E006", _count, "a non-negative int"),
-    "LOCK_BACKOFF": ("E007", lambda v: _number(v, positive=False),
-                     "a non-negative number of seconds"),
+    "LOCK_BACKOFF": (
+        "E007",
+        lambda v: _number(v, positive=False),
+        "a non-negative number of seconds",
+    ),
     "READ_RETRIES": ("E008", _count, "a non-negative int"),
-    "READ_BACKOFF": ("E009", lambda v: _number(v, positive=False),
-                     "a non-negative number of seconds"),
+    "READ_BACKOFF": (
+        "E009",
+        lambda v: _number(v, positive=False),
+        "a non-negative number of seconds",
+    ),
     "MAX_STATE_BYTES": ("E010", lambda v: _count(v) and v > 0, "a positive int"),
     "CLEANUP": ("E011", lambda v: v in ("keep", "delete"), '"keep" or "delete"'),
     "REDIS_CACHE": ("E012", lambda v: isinstance(v, str) and bool(v), "a CACHES alias"),

@@ -20,9 +20,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
@@ -46,14 +45,15 @@ from machine_memory.validation import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Mapping
+
     from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.backends.utils import CursorWrapper
 
     from machine_memory.locks.base import LockBackend, LockInfo
-    from machine_memory.sql.base import Metadata
+    from machine_memory.sql.base import Dialect, Fence, Metadata
 
 logger = logging.getLogger("machine_memory")
-
-T = TypeVar("T")
 
 # read gives up within this many seconds, whatever READ_RETRIES says (SPEC §2).
 READ_DEADLINE = 1.0
@@ -77,6 +77,19 @@ def _seconds(value: Any, name: str) -> float:
     return float(value)
 
 
+# The same rules as the system checks (checks.py), for values passed to the constructor.
+def _count(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int of at least {minimum}.")
+    return value
+
+
+def _delay(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds.")
+    return float(value)
+
+
 class BaseMachineMemory(ABC):
     """The contract, on top of single-attempt storage primitives."""
 
@@ -96,11 +109,23 @@ class BaseMachineMemory(ABC):
         self.owner = default_owner() if owner is None else owner
         if not isinstance(self.owner, str) or not 0 < len(self.owner) <= 255:
             raise ValueError("owner must be a non-empty str of at most 255 characters.")
-        self.lock_retries = conf.LOCK_RETRIES if lock_retries is None else lock_retries
-        self.lock_backoff = conf.LOCK_BACKOFF if lock_backoff is None else lock_backoff
-        self.read_retries = conf.READ_RETRIES if read_retries is None else read_retries
-        self.read_backoff = conf.READ_BACKOFF if read_backoff is None else read_backoff
-        self.max_state_bytes = conf.MAX_STATE_BYTES if max_state_bytes is None else max_state_bytes
+        self.lock_retries = _count(
+            conf.LOCK_RETRIES if lock_retries is None else lock_retries, "lock_retries"
+        )
+        self.lock_backoff = _delay(
+            conf.LOCK_BACKOFF if lock_backoff is None else lock_backoff, "lock_backoff"
+        )
+        self.read_retries = _count(
+            conf.READ_RETRIES if read_retries is None else read_retries, "read_retries"
+        )
+        self.read_backoff = _delay(
+            conf.READ_BACKOFF if read_backoff is None else read_backoff, "read_backoff"
+        )
+        self.max_state_bytes = _count(
+            conf.MAX_STATE_BYTES if max_state_bytes is None else max_state_bytes,
+            "max_state_bytes",
+            minimum=1,
+        )
         self.cleanup_mode = conf.CLEANUP if cleanup is None else cleanup
         if self.cleanup_mode not in ("keep", "delete"):
             raise ValueError("cleanup must be 'keep' or 'delete'.")
@@ -468,9 +493,7 @@ class BaseMachineMemory(ABC):
             self._held.pop(machine_id, None)
         return extended
 
-    async def aextend(
-        self, machine_id: str, ttl: float | datetime.timedelta | None = None
-    ) -> bool:
+    async def aextend(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
         return await sync_to_async(self.extend)(machine_id, ttl)
 
     def lock_info(self, machine_id: str) -> LockInfo | None:
@@ -608,15 +631,22 @@ class MachineMemory(BaseMachineMemory):
 
         return connections[self.using]
 
-    def _run(self, operation: Callable[..., T], *args: Any) -> T:
+    @contextmanager
+    def _statement(self) -> Iterator[tuple[Dialect, CursorWrapper]]:
         from machine_memory.sql import dialect_for
 
         connection = self._connection()
         with connection.cursor() as cursor:
-            return operation(dialect_for(connection), cursor, *args)
+            yield dialect_for(connection), cursor
+
+    def _fence(self, machine_id: str, token: int | None) -> Fence:
+        from machine_memory.sql.base import NO_FENCE
+
+        return NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
 
     def _load(self, machine_id: str) -> tuple[Any, int] | None:
-        return self._run(lambda dialect, cursor: dialect.read(cursor, machine_id))
+        with self._statement() as (dialect, cursor):
+            return dialect.read(cursor, machine_id)
 
     def _store(
         self,
@@ -626,28 +656,16 @@ class MachineMemory(BaseMachineMemory):
         meta: Metadata,
         token: int | None,
     ) -> bool:
-        from machine_memory.sql.base import NO_FENCE
-
-        fence = NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
-        if expected_version is None:
-            return self._run(
-                lambda dialect, cursor: dialect.insert_state(cursor, machine_id, text, meta, fence)
-            )
-        return self._run(
-            lambda dialect, cursor: dialect.update_state(
-                cursor, machine_id, text, expected_version, meta, fence
-            )
-        )
+        fence = self._fence(machine_id, token)
+        with self._statement() as (dialect, cursor):
+            if expected_version is None:
+                return dialect.insert_state(cursor, machine_id, text, meta, fence)
+            return dialect.update_state(cursor, machine_id, text, expected_version, meta, fence)
 
     def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
-        from machine_memory.sql.base import NO_FENCE
-
-        fence = NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
-        return self._run(
-            lambda dialect, cursor: dialect.delete_state(
-                cursor, machine_id, expected_version, fence
-            )
-        )
+        fence = self._fence(machine_id, token)
+        with self._statement() as (dialect, cursor):
+            return dialect.delete_state(cursor, machine_id, expected_version, fence)
 
     def _lock_lost(self, machine_id: str, token: int) -> bool:
         return self.locks.is_lost(machine_id, self.owner, token)

@@ -29,9 +29,7 @@ class MachineIdField(models.CharField):  # type: ignore[type-arg]
 
     def db_parameters(self, connection: BaseDatabaseWrapper) -> dict[str, Any]:
         params = super().db_parameters(connection)
-        params["collation"] = self.db_collation or dialect_for(connection).id_collation(
-            connection
-        )
+        params["collation"] = self.db_collation or dialect_for(connection).id_collation(connection)
         return params
 
 
@@ -63,12 +61,16 @@ class MachineState(models.Model):
     version = models.BigIntegerField(default=1)
     # Highest fencing token that wrote this row (Redis locks); a lower one is rejected.
     fence = models.BigIntegerField(default=0)
-    execution_status = models.CharField(
+    # Metadata columns are NULL when neither the metadata nor the document says anything:
+    # "unknown" is not the same as an empty string a caller may have sent.
+    execution_status = models.CharField(  # noqa: DJ001
         max_length=METADATA_LENGTHS["execution_status"], null=True, blank=True, db_index=True
     )
     parent_id = MachineIdField(null=True, blank=True, db_index=True)
-    initiator = models.CharField(max_length=METADATA_LENGTHS["initiator"], null=True, blank=True)
-    source = models.CharField(
+    initiator = models.CharField(  # noqa: DJ001
+        max_length=METADATA_LENGTHS["initiator"], null=True, blank=True
+    )
+    source = models.CharField(  # noqa: DJ001
         max_length=METADATA_LENGTHS["source"], null=True, blank=True, db_index=True
     )
     created_at = models.DateTimeField()
@@ -81,7 +83,7 @@ class MachineState(models.Model):
         verbose_name = "machine state"
 
     def __str__(self) -> str:
-        return self.machine_id
+        return str(self.machine_id)
 
 
 class MachineLockQuerySet(models.QuerySet["MachineLock"]):
@@ -120,4 +122,4 @@ class MachineLock(models.Model):
         verbose_name = "machine lock"
 
     def __str__(self) -> str:
-        return self.machine_id
+        return str(self.machine_id)

@@ -19,10 +19,9 @@ import datetime
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from machine_memory.exceptions import (
     InvalidMachineId,
@@ -33,8 +32,12 @@ from machine_memory.exceptions import (
 )
 from machine_memory.locks.base import LockInfo
 from machine_memory.memory import BaseMachineMemory
-from machine_memory.sql.base import Metadata
 from machine_memory.validation import MAX_ID_LENGTH
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from machine_memory.sql.base import Metadata
 
 __all__ = ["MachineMemoryConformance", "SimpleMachineMemory", "SimpleStore"]
 
@@ -196,7 +199,7 @@ class MachineMemoryConformance:
 
     def test_empty_id_raises_on_every_method(self) -> None:
         memory = self.make_memory()
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: memory.read(""),
             lambda: memory.write("", {"a": 1}, None),
             lambda: memory.lock(""),
@@ -342,7 +345,7 @@ class MachineMemoryConformance:
             attempts += 1
             return acquire(*args)
 
-        waiter._acquire = counting  # type: ignore[method-assign]
+        waiter._acquire = counting  # type: ignore[method-assign,assignment]
         started = time.monotonic()
         assert waiter.lock(machine_id) is False
         elapsed = time.monotonic() - started
@@ -448,9 +451,8 @@ class MachineMemoryConformance:
         memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
         with memory.locked(machine_id):
             assert memory.holds(machine_id)
-            with _raises(LockNotAcquired):
-                with other.locked(machine_id):
-                    raise AssertionError("must not run")
+            with _raises(LockNotAcquired), other.locked(machine_id):
+                raise AssertionError("must not run")
         assert not memory.holds(machine_id)
         assert other.lock(machine_id)
         assert other.unlock(machine_id)
@@ -478,7 +480,11 @@ class MachineMemoryConformance:
         assert memory.lock_info(machine_id) is None
 
     def test_cleanup_delete_keeps_a_state_written_since(self) -> None:
-        memory, other, machine_id = self.make_memory(cleanup="delete"), self.make_memory(), self.new_id()
+        memory, other, machine_id = (
+            self.make_memory(cleanup="delete"),
+            self.make_memory(),
+            self.new_id(),
+        )
         final: dict[str, Any] = {"s": 1}
         memory.write(machine_id, final, None)
         other.write(machine_id, {"s": 2}, other.read(machine_id))

@@ -43,7 +43,9 @@ def validate_id(machine_id: object) -> str:
                 f"Machine ids must be str, not {type(machine_id).__name__}; "
                 "pass the Arvo subject as a string."
             )
-        machine_id = str(machine_id)
+        # The value itself, not str(): a str subclass may override __str__ (on Python 3.11,
+        # str() of a (str, Enum) member is "Kind.ORDER"), which would name another machine.
+        machine_id = str.__str__(machine_id)
     if not machine_id:
         raise InvalidMachineId("Machine id must be a non-empty string.")
     if len(machine_id) > MAX_ID_LENGTH:
@@ -83,9 +85,7 @@ def _check_keys(value: Any, depth: int = 0) -> None:
 def encode_state(data: object, max_bytes: int) -> str:
     """Validate ``data`` and return its compact JSON text."""
     if not isinstance(data, dict):
-        raise InvalidState(
-            f"State must be a dict (a JSON object), not {type(data).__name__}."
-        )
+        raise InvalidState(f"State must be a dict (a JSON object), not {type(data).__name__}.")
     try:
         _check_keys(data)
         text = _encoder.encode(data)
@@ -138,9 +138,7 @@ def resolve_metadata(
             values[column] = item[: METADATA_LENGTHS[column]]
     if metadata is not None:
         if not isinstance(metadata, Mapping):
-            raise InvalidState(
-                f"metadata must be a mapping, not {type(metadata).__name__}."
-            )
+            raise InvalidState(f"metadata must be a mapping, not {type(metadata).__name__}.")
         unknown = set(metadata) - {"subject", *METADATA_KEYS}
         if unknown:
             raise InvalidState(
@@ -190,4 +188,7 @@ def json_equal(left: Any, right: Any) -> bool:
             and len(left) == len(right)
             and all(json_equal(a, b) for a, b in zip(left, right, strict=True))
         )
+    if isinstance(left, str) and isinstance(right, str):
+        # JSON sees the characters: a str subclass (a str Enum member) equals its value.
+        return str.__eq__(left, right)
     return type(left) is type(right) and bool(left == right)

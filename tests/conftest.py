@@ -31,6 +31,8 @@ def _reachable(alias: str) -> str | None:
 def django_db_setup(django_db_blocker: Any) -> Iterator[None]:
     with django_db_blocker.unblock():
         aliases = []
+        for alias in set(VENDOR_IDS) - set(settings.REAL_DATABASES):
+            UNAVAILABLE[alias] = f"{alias} not selected by MM_TEST_DATABASES"
         for alias in settings.REAL_DATABASES:
             reason = _reachable(alias)
             if reason is None:

@@ -11,12 +11,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from machine_memory.sql.base import Fence
-
 if TYPE_CHECKING:
     import datetime
 
     from django.core.checks import CheckMessage
+
+    from machine_memory.sql.base import Fence
 
 
 @dataclass(frozen=True, slots=True)

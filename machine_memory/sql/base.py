@@ -114,7 +114,7 @@ class Dialect:
             f" WHERE 1 = 1{where} ON CONFLICT (machine_id) DO NOTHING",
             [machine_id, text, fence.fence_token or 0, *meta, *where_params],
         )
-        return cursor.rowcount == 1
+        return int(cursor.rowcount) == 1
 
     def update_state(
         self,
@@ -136,7 +136,7 @@ class Dialect:
             f" WHERE machine_id = %s AND version = %s{where}",
             [text, *meta, *fence_params, machine_id, expected_version, *where_params],
         )
-        return cursor.rowcount == 1
+        return int(cursor.rowcount) == 1
 
     def delete_state(
         self, cursor: CursorWrapper, machine_id: str, expected_version: int, fence: Fence
@@ -146,13 +146,11 @@ class Dialect:
             f"DELETE FROM {STATE_TABLE} WHERE machine_id = %s AND version = %s{where}",
             [machine_id, expected_version, *where_params],
         )
-        return cursor.rowcount == 1
+        return int(cursor.rowcount) == 1
 
     # -- locks -------------------------------------------------------------------------
 
-    def acquire(
-        self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float
-    ) -> int | None:
+    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
         """Take the lock if no live one exists; return the new fencing token, else None."""
         raise NotImplementedError
 
@@ -166,7 +164,7 @@ class Dialect:
             f" WHERE machine_id = %s AND owner = %s AND expires_at > {self.now_sql}",
             [machine_id, owner],
         )
-        return cursor.rowcount == 1
+        return int(cursor.rowcount) == 1
 
     def extend(
         self, cursor: CursorWrapper, machine_id: str, owner: str, token: int, ttl: float
@@ -177,7 +175,7 @@ class Dialect:
             f" AND expires_at > {self.now_sql}",
             [self.ttl_param(ttl), machine_id, owner, token],
         )
-        return cursor.rowcount == 1
+        return int(cursor.rowcount) == 1
 
     def is_live(self, cursor: CursorWrapper, machine_id: str) -> bool:
         cursor.execute(

@@ -65,11 +65,9 @@ class MySQLDialect(Dialect):
             f" SELECT %s, %s, 1, %s, %s, %s, %s, %s, {now}, {now} FROM DUAL WHERE 1 = 1{where}",
             [machine_id, text, fence.fence_token or 0, *meta, *where_params],
         )
-        return cursor.rowcount == 1
+        return int(cursor.rowcount) == 1
 
-    def acquire(
-        self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float
-    ) -> int | None:
+    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
         connection = cursor.db
         if not getattr(connection, "mysql_is_mariadb", False):
             raise MachineMemoryError(

@@ -40,9 +40,7 @@ class PostgreSQLDialect(Dialect):
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
         schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
-    def acquire(
-        self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float
-    ) -> int | None:
+    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
         # One round trip: insert, or take over the row only if its lock has expired. The
         # WHERE of DO UPDATE is evaluated on the latest row version under its row lock, so
         # two racing takeovers cannot both win.

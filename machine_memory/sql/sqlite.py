@@ -25,9 +25,7 @@ class SQLiteDialect(Dialect):
     def ttl_param(self, seconds: float) -> Any:
         return f"+{float(seconds):.3f} seconds"
 
-    def acquire(
-        self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float
-    ) -> int | None:
+    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
         # SQLite has no sequences. Writers are serialised by the database lock, so "highest
         # token in the table + 1" is race-free here, and purging keeps the highest row
         # (MachineLockQuerySet.purgeable) so the high-water mark survives.
