@@ -345,8 +345,9 @@ class BaseMachineMemory(ABC):
 
     def _raise_rejected(self, machine_id: str, expected: int | None, token: int | None) -> None:
         try:
+            # The token stays in _held: until this instance unlocks, every later write to the
+            # id must keep failing, not slip through as an unfenced write.
             if token is not None and self._lock_lost(machine_id, token):
-                self._held.pop(machine_id, None)
                 raise LockLost(
                     machine_id,
                     expected,
@@ -358,6 +359,11 @@ class BaseMachineMemory(ABC):
             actual = self._current_version(machine_id)
         except (*self.storage_errors, *self._lock_errors()) as exc:
             raise WriteError(f"Writing machine {machine_id!r} was rejected: {exc}") from exc
+        if expected is None and actual is None:
+            raise WriteError(
+                f"Creating machine {machine_id!r} was refused by the database although no "
+                "state exists; nothing was stored."
+            )
         if expected is None:
             raise WriteConflict(
                 machine_id,
@@ -489,8 +495,7 @@ class BaseMachineMemory(ABC):
         except self._lock_errors() as exc:
             self._recover()
             raise LockError(f"Extending the lock on {machine_id!r} failed: {exc}") from exc
-        if not extended:
-            self._held.pop(machine_id, None)
+        # A failed extend keeps the token: writes stay fenced until unlock().
         return extended
 
     async def aextend(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:

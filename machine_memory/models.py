@@ -33,6 +33,13 @@ class MachineIdField(models.CharField):  # type: ignore[type-arg]
         return params
 
 
+class StateField(models.JSONField):
+    """The state document column, typed by the vendor module (see ``Dialect.state_db_type``)."""
+
+    def db_type(self, connection: BaseDatabaseWrapper) -> str | None:
+        return dialect_for(connection).state_db_type(connection) or super().db_type(connection)
+
+
 class StorageNow(Func):
     """The storage's clock (never the application server's), as the vendor module spells it."""
 
@@ -57,7 +64,7 @@ class MachineState(models.Model):
     """One JSON state document per machine id, with a compare-and-set version."""
 
     machine_id = MachineIdField(primary_key=True)
-    state = models.JSONField()
+    state = StateField()
     version = models.BigIntegerField(default=1)
     # Highest fencing token that wrote this row (Redis locks); a lower one is rejected.
     fence = models.BigIntegerField(default=0)

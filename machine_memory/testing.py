@@ -408,7 +408,12 @@ class MachineMemoryConformance:
         with _raises(LockLost) as caught:
             first.write(machine_id, {"owner": "first"}, state)
         assert isinstance(caught[0], WriteConflict)
+        assert first.extend(machine_id) is False
+        with _raises(LockLost):  # still fenced: a fresh read does not make the write safe
+            first.write(machine_id, {"owner": "first"}, first.read(machine_id))
         assert second.read(machine_id) == {"owner": "nobody"}
+        assert first.unlock(machine_id)  # gives the lock up; writes are only versioned again
+        first.write(machine_id, {"owner": "first"}, first.read(machine_id))
 
     def test_expired_lock_without_takeover_still_writes(self) -> None:
         memory, machine_id = self.make_memory(), self.new_id()

@@ -64,22 +64,23 @@ def validate_id(machine_id: object) -> str:
     return machine_id
 
 
-def _check_keys(value: Any, depth: int = 0) -> None:
+def _check_keys(value: Any) -> None:
     # json.dumps silently turns int/float/bool/None keys into strings, so a state written as
     # {1: "a"} would read back as {"1": "a"}: refuse it instead, at any depth.
     if isinstance(value, dict):
         for key, item in value.items():
-            if type(key) is not str:
+            # str subclasses (StrEnum members) are fine: json writes their str value.
+            if not isinstance(key, str):
                 raise InvalidState(
                     f"State keys must be str at every depth; found {type(key).__name__} key "
                     f"{key!r}. Convert keys to strings before writing."
                 )
             if isinstance(item, dict | list | tuple):
-                _check_keys(item, depth + 1)
+                _check_keys(item)
     elif isinstance(value, list | tuple):
         for item in value:
             if isinstance(item, dict | list | tuple):
-                _check_keys(item, depth + 1)
+                _check_keys(item)
 
 
 def encode_state(data: object, max_bytes: int) -> str:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.conf import settings
@@ -10,6 +9,9 @@ from django.test.utils import setup_databases, teardown_databases
 
 from machine_memory import MachineMemory
 from tests.support import VENDOR_IDS, enable_sqlite_pragmas, in_ci, new_id
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 enable_sqlite_pragmas()
 

@@ -54,7 +54,7 @@ class Migration(migrations.Migration):
                         max_length=512, primary_key=True, serialize=False
                     ),
                 ),
-                ("state", models.JSONField()),
+                ("state", machine_memory.models.StateField()),
                 ("version", models.BigIntegerField(default=1)),
                 ("fence", models.BigIntegerField(default=0)),
                 (

@@ -54,6 +54,10 @@ class Dialect:
         """Column type of machine ids; None for Django's usual CharField type."""
         return None
 
+    def state_db_type(self, connection: BaseDatabaseWrapper) -> str | None:
+        """Column type of the state document; None for Django's usual JSONField type."""
+        return None
+
     def expires_sql(self) -> str:
         """SQL for "now + one %s parameter", given ``ttl_param(seconds)``."""
         raise NotImplementedError

@@ -33,6 +33,15 @@ class MySQLDialect(Dialect):
             return "utf8mb4_nopad_bin"
         return "utf8mb4_0900_bin"
 
+    def state_db_type(self, connection: BaseDatabaseWrapper) -> str | None:
+        # MariaDB's JSON type is LONGTEXT plus CHECK (JSON_VALID(...)), and before 12.2
+        # JSON_VALID() refuses documents nested deeper than 32 levels, while a state may
+        # be nested at any depth (encode_state() has validated every document already).
+        # https://mariadb.com/docs/server/reference/sql-functions/special-functions/json-functions/json_depth
+        if getattr(connection, "mysql_is_mariadb", False):
+            return "longtext"
+        return None
+
     def expires_sql(self) -> str:
         return "UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
 

@@ -1,0 +1,448 @@
+"""The storage models on every database: metadata columns, QuerySet methods, exact ids."""
+
+from __future__ import annotations
+
+import datetime
+import time
+import unicodedata
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from machine_memory import MachineMemory
+from machine_memory.exceptions import InvalidState
+from machine_memory.models import MachineLock, MachineState
+from machine_memory.validation import METADATA_LENGTHS
+from tests.support import new_id
+
+
+def row(alias: str, machine_id: str) -> MachineState:
+    return MachineState.objects.using(alias).get(machine_id=machine_id)
+
+
+def metadata_columns(alias: str, machine_id: str) -> tuple[Any, ...]:
+    state = row(alias, machine_id)
+    return (state.execution_status, state.parent_id, state.initiator, state.source)
+
+
+def arvo_document(**extra: Any) -> dict[str, Any]:
+    return {
+        "executionStatus": "normal",
+        "parentSubject": new_id("parent"),
+        "initiator": "com.example.orchestrator",
+        "source": "com.example.orders",
+        "value": {"count": 1},
+        **extra,
+    }
+
+
+# -- metadata columns ----------------------------------------------------------------------
+
+
+def test_metadata_from_the_state_document(memory: MachineMemory, alias: str, mid: str) -> None:
+    data = arvo_document(subject=mid)
+    memory.write(mid, data, None)
+    assert metadata_columns(alias, mid) == (
+        "normal",
+        data["parentSubject"],
+        "com.example.orchestrator",
+        "com.example.orders",
+    )
+    assert row(alias, mid).state == data
+
+
+def test_metadata_follows_the_document_on_update(
+    memory: MachineMemory, alias: str, mid: str
+) -> None:
+    memory.write(mid, arvo_document(), None)
+    memory.write(mid, {"executionStatus": "done", "source": "s2"}, memory.read(mid))
+    # Keys the new document no longer has are cleared: the columns describe this state.
+    assert metadata_columns(alias, mid) == ("done", None, None, "s2")
+
+
+def test_metadata_absent_everywhere(memory: MachineMemory, alias: str, mid: str) -> None:
+    memory.write(mid, {"plain": True, "executionStatus": 3}, None)
+    assert metadata_columns(alias, mid) == (None, None, None, None)
+
+
+def test_explicit_metadata_overrides_the_document(
+    memory: MachineMemory, alias: str, mid: str
+) -> None:
+    parent = new_id("parent")
+    metadata = {
+        "subject": mid,
+        "parent_subject": parent,
+        "initiator": "explicit-initiator",
+        "source": "explicit-source",
+    }
+    memory.write(mid, arvo_document(), None, metadata=metadata)
+    assert metadata_columns(alias, mid) == (
+        "normal",
+        parent,
+        "explicit-initiator",
+        "explicit-source",
+    )
+
+
+def test_partial_metadata_and_explicit_none(memory: MachineMemory, alias: str, mid: str) -> None:
+    data = arvo_document()
+    memory.write(mid, data, None, metadata={"source": "only-source", "parent_subject": None})
+    assert metadata_columns(alias, mid) == (
+        "normal",
+        None,
+        "com.example.orchestrator",
+        "only-source",
+    )
+
+
+def test_long_document_values_are_cut_to_the_columns(
+    memory: MachineMemory, alias: str, mid: str
+) -> None:
+    # The document itself is stored whole; only the indexed copies are cut (MariaDB would
+    # refuse an over-long value in strict mode).
+    data = {
+        "executionStatus": "é" * 1000,
+        "parentSubject": "p" * 1000,
+        "initiator": "i" * 1000,
+        "source": "🚀" * 1000,
+    }
+    memory.write(mid, data, None)
+    assert metadata_columns(alias, mid) == (
+        "é" * METADATA_LENGTHS["execution_status"],
+        "p" * METADATA_LENGTHS["parent_id"],
+        "i" * METADATA_LENGTHS["initiator"],
+        "🚀" * METADATA_LENGTHS["source"],
+    )
+    assert memory.read(mid) == data
+
+
+def test_metadata_at_the_column_limits(memory: MachineMemory, alias: str, mid: str) -> None:
+    metadata = {
+        "parent_subject": "ü" * METADATA_LENGTHS["parent_id"],
+        "initiator": "状" * METADATA_LENGTHS["initiator"],
+        "source": "🚀" * METADATA_LENGTHS["source"],
+    }
+    memory.write(mid, {"executionStatus": "é" * 64}, None, metadata=metadata)
+    assert metadata_columns(alias, mid) == (
+        "é" * 64,
+        metadata["parent_subject"],
+        metadata["initiator"],
+        metadata["source"],
+    )
+
+
+BAD_METADATA: list[Any] = [
+    ["subject"],
+    "not a mapping",
+    {"parentSubject": "document spelling"},
+    {"execution_status": "done"},
+    {"source": 1},
+    {"initiator": b"bytes"},
+    {"parent_subject": ["p"]},
+    {"subject": "another-machine"},
+    {"initiator": "i" * (METADATA_LENGTHS["initiator"] + 1)},
+    {"source": "s" * (METADATA_LENGTHS["source"] + 1)},
+    {"parent_subject": "p" * (METADATA_LENGTHS["parent_id"] + 1)},
+]
+
+
+@pytest.mark.parametrize("metadata", BAD_METADATA, ids=lambda metadata: repr(metadata)[:30])
+def test_bad_metadata_writes_nothing(
+    memory: MachineMemory, alias: str, mid: str, metadata: Any
+) -> None:
+    with pytest.raises(InvalidState):
+        memory.write(mid, {"n": 1}, None, metadata=metadata)
+    assert not MachineState.objects.using(alias).filter(machine_id=mid).exists()
+
+    memory.write(mid, {"n": 1, "source": "first"}, None)
+    before = row(alias, mid)
+    with pytest.raises(InvalidState):
+        memory.write(mid, {"n": 2}, memory.read(mid), metadata=metadata)
+    after = row(alias, mid)
+    assert (after.state, after.version, after.source, after.updated_at) == (
+        before.state,
+        before.version,
+        before.source,
+        before.updated_at,
+    )
+
+
+# -- version, fence, timestamps ------------------------------------------------------------
+
+
+def test_version_increments_and_fence_stays_zero_with_database_locks(
+    memory: MachineMemory, alias: str, mid: str
+) -> None:
+    assert memory.lock(mid)
+    memory.write(mid, {"n": 0}, None)
+    assert (row(alias, mid).version, row(alias, mid).fence) == (1, 0)
+    for n in range(1, 5):
+        memory.write(mid, {"n": n}, memory.read(mid))
+        assert (row(alias, mid).version, row(alias, mid).fence) == (n + 1, 0)
+    assert memory.unlock(mid)
+    # Unlocked writes are version-checked the same way.
+    memory.write(mid, {"n": 5}, memory.read(mid))
+    assert (row(alias, mid).version, row(alias, mid).fence) == (6, 0)
+
+
+def test_rejected_write_leaves_the_version(memory: MachineMemory, alias: str, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    stale = memory.read(mid)
+    memory.write(mid, {"n": 2}, memory.read(mid))
+    with pytest.raises(Exception, match="version"):
+        memory.write(mid, {"n": 3}, stale)
+    assert row(alias, mid).version == 2
+    assert row(alias, mid).state == {"n": 2}
+
+
+def test_timestamps(memory: MachineMemory, alias: str, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    created = row(alias, mid)
+    assert created.created_at is not None and created.updated_at is not None
+    assert timezone.is_aware(created.created_at)
+    assert created.created_at == created.updated_at
+    # The database's clock, on the machine that runs these tests: close to ours.
+    assert abs(created.created_at - timezone.now()) < datetime.timedelta(minutes=5)
+
+    time.sleep(0.02)  # SQLite keeps milliseconds
+    memory.write(mid, {"n": 2}, memory.read(mid))
+    updated = row(alias, mid)
+    assert updated.created_at == created.created_at
+    assert updated.updated_at > created.updated_at
+
+
+# -- deep documents ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [32, 33, 100, 500])
+def test_deeply_nested_state_round_trips(
+    memory: MachineMemory, alias: str, mid: str, depth: int
+) -> None:
+    # "At any depth" (SPEC §2): MariaDB's JSON_VALID() refuses more than 32 levels before
+    # 12.2, so the state column must not carry that CHECK there.
+    nested: dict[str, Any] = {"leaf": True}
+    for _ in range(depth - 1):
+        nested = {"d": nested}
+    memory.write(mid, nested, None)
+    assert memory.read(mid) == nested
+    assert row(alias, mid).state == nested
+
+
+# -- QuerySet methods ----------------------------------------------------------------------
+
+
+def test_lock_queryset_live_and_expired(alias: str) -> None:
+    memory = MachineMemory(using=alias, lock_retries=0)
+    live, released, lapsed = new_id("live"), new_id("released"), new_id("lapsed")
+    assert memory.lock(live, ttl=60)
+    assert memory.lock(released, ttl=60)
+    assert memory.unlock(released)
+    assert memory.lock(lapsed, ttl=0.05)
+    ids = [live, released, lapsed]
+    time.sleep(0.15)
+    locks = MachineLock.objects.using(alias).filter(machine_id__in=ids)
+    assert set(locks.live().values_list("machine_id", flat=True)) == {live}
+    assert set(locks.expired().values_list("machine_id", flat=True)) == {released, lapsed}
+    # The rows are still there (a release keeps the token history), with owner and token.
+    assert set(locks.values_list("owner", flat=True)) == {memory.owner}
+    assert memory.unlock(live)
+    assert set(locks.expired().values_list("machine_id", flat=True)) == set(ids)
+
+
+def test_lock_queryset_uses_the_database_clock(alias: str) -> None:
+    # A lock whose expiry is ahead by the database clock is live, whatever this process's
+    # clock would say: live() and expired() are computed in SQL, not with timezone.now().
+    memory = MachineMemory(using=alias)
+    machine_id = new_id()
+    assert memory.lock(machine_id, ttl=60)
+    locks = MachineLock.objects.using(alias).filter(machine_id=machine_id)
+    assert "expires_at" in str(locks.live().query)
+    assert locks.live().count() == 1
+    assert locks.expired().count() == 0
+    # Move the stored expiry one second into the past (by the database's own reckoning).
+    lock = locks.get()
+    locks.update(expires_at=lock.acquired_at - datetime.timedelta(seconds=1))
+    assert locks.live().count() == 0
+    assert locks.expired().count() == 1
+    assert memory.lock_info(machine_id) is None
+
+
+def test_purgeable_keeps_the_highest_token(alias: str) -> None:
+    memory = MachineMemory(using=alias)
+    first, second, live = new_id("first"), new_id("second"), new_id("live")
+    assert memory.lock(live, ttl=60)
+    assert memory.lock(first)
+    assert memory.unlock(first)
+    assert memory.lock(second)
+    assert memory.unlock(second)
+    ids = [first, second, live]
+    locks = MachineLock.objects.using(alias)
+    tokens = dict(locks.filter(machine_id__in=ids).values_list("machine_id", "token"))
+    assert tokens[live] < tokens[first] < tokens[second]
+    top = max(locks.values_list("token", flat=True))
+    assert top == tokens[second]
+
+    purgeable = set(
+        locks.purgeable().filter(machine_id__in=ids).values_list("machine_id", flat=True)
+    )
+    # Expired and not the high-water mark; never a live lock.
+    assert purgeable == {first}
+    assert not locks.purgeable().filter(token=top).exists()
+    deleted, _ = locks.purgeable().filter(machine_id__in=ids).delete()
+    assert deleted == 1
+    assert set(locks.filter(machine_id__in=ids).values_list("machine_id", flat=True)) == {
+        second,
+        live,
+    }
+    assert memory.unlock(live)
+
+
+def test_purgeable_is_empty_when_only_the_top_row_expired(alias: str) -> None:
+    memory = MachineMemory(using=alias)
+    machine_id = new_id()
+    assert memory.lock(machine_id)
+    assert memory.unlock(machine_id)
+    locks = MachineLock.objects.using(alias)
+    assert locks.filter(machine_id=machine_id).expired().exists()
+    assert not locks.purgeable().filter(machine_id=machine_id).exists()
+
+
+def test_fencing_tokens_increase_across_purges(alias: str) -> None:
+    memory = MachineMemory(using=alias)
+    machine_id, other = new_id(), new_id("other")
+    tokens = []
+    for _ in range(3):
+        assert memory.lock(machine_id)
+        info = memory.lock_info(machine_id)
+        assert info is not None
+        tokens.append(info.token)
+        assert memory.unlock(machine_id)
+        # A later acquisition elsewhere, so that this row is no longer the high-water mark.
+        assert memory.lock(other)
+        assert memory.unlock(other)
+        locks = MachineLock.objects.using(alias)
+        locks.purgeable().filter(machine_id__in=[machine_id, other]).delete()
+        assert not locks.filter(machine_id=machine_id).exists()
+    assert tokens == sorted(tokens)
+    assert len(set(tokens)) == len(tokens)
+    # And a token handed out after the purge is above every token ever seen for the id.
+    assert memory.lock(machine_id)
+    info = memory.lock_info(machine_id)
+    assert info is not None and info.token > max(tokens)
+    assert memory.unlock(machine_id)
+
+
+def test_old_holder_is_fenced_after_a_purge(alias: str) -> None:
+    # A holder whose lock row was taken over, released and purged must not write.
+    holder = MachineMemory(using=alias)
+    machine_id, other = new_id(), new_id("other")
+    holder.write(machine_id, {"n": 0}, None)
+    assert holder.lock(machine_id, ttl=0.05)
+    state = holder.read(machine_id)
+    time.sleep(0.1)
+    thief = MachineMemory(using=alias)
+    assert thief.lock(machine_id)
+    assert thief.unlock(machine_id)
+    assert thief.lock(other)
+    assert thief.unlock(other)
+    MachineLock.objects.using(alias).purgeable().filter(machine_id__in=[machine_id, other]).delete()
+    assert not MachineLock.objects.using(alias).filter(machine_id=machine_id).exists()
+    from machine_memory.exceptions import LockLost
+
+    with pytest.raises(LockLost):
+        holder.write(machine_id, {"n": 1}, state)
+    assert row(alias, machine_id).state == {"n": 0}
+
+
+def test_state_queryset_with_status_and_children_of(memory: MachineMemory, alias: str) -> None:
+    status, parent, other_parent = new_id("status"), new_id("parent"), new_id("parent")
+    children = [new_id("child") for _ in range(3)]
+    for child in children:
+        memory.write(child, {"executionStatus": status, "parentSubject": parent}, None)
+    stranger = new_id("stranger")
+    memory.write(stranger, {"executionStatus": "other", "parentSubject": other_parent}, None)
+    by_metadata = new_id("meta")
+    memory.write(by_metadata, {}, None, metadata={"parent_subject": parent})
+
+    states = MachineState.objects.using(alias)
+    assert set(states.with_status(status).values_list("machine_id", flat=True)) == set(children)
+    assert set(states.children_of(parent).values_list("machine_id", flat=True)) == {
+        *children,
+        by_metadata,
+    }
+    assert list(states.children_of(other_parent).values_list("machine_id", flat=True)) == [stranger]
+    assert set(
+        states.children_of(parent).with_status(status).values_list("machine_id", flat=True)
+    ) == set(children)
+    # Parents are machine ids, so they match exactly, like the ids themselves. (Statuses are
+    # plain text columns and follow the database's default collation.)
+    assert not states.children_of(parent.upper()).exists()
+    assert not states.children_of(parent + " ").exists()
+
+
+# -- ids compare exactly -------------------------------------------------------------------
+
+
+def id_variants(base: str) -> list[str]:
+    return [
+        base + "-cafe",
+        (base + "-cafe").upper(),
+        base + "-cafe ",
+        base + "-cafe  ",
+        base + "-café",  # precomposed é (NFC)
+        unicodedata.normalize("NFD", base + "-café"),  # e + combining acute (NFD)
+        base + "-CAFÉ",
+        base + "-caf\u00e8",  # è
+    ]
+
+
+def test_ids_that_differ_in_case_spaces_or_accents_are_distinct(
+    memory: MachineMemory, alias: str
+) -> None:
+    variants = id_variants(new_id())
+    assert len(set(variants)) == len(variants)
+    for n, machine_id in enumerate(variants):
+        memory.write(machine_id, {"n": n, "id": machine_id}, None)
+    for n, machine_id in enumerate(variants):
+        assert memory.read(machine_id) == {"n": n, "id": machine_id}
+        # The ORM sees the same: one row per id, with the id as written.
+        rows = list(MachineState.objects.using(alias).filter(machine_id=machine_id))
+        assert len(rows) == 1
+        assert rows[0].machine_id == machine_id
+        assert rows[0].state == {"n": n, "id": machine_id}
+    assert MachineState.objects.using(alias).filter(machine_id__in=variants).count() == len(
+        variants
+    )
+
+
+def test_distinct_ids_get_distinct_locks(alias: str) -> None:
+    first = MachineMemory(using=alias, lock_retries=0)
+    second = MachineMemory(using=alias, lock_retries=0)
+    variants = id_variants(new_id())
+    for machine_id in variants:
+        assert first.lock(machine_id)
+        assert not second.lock(machine_id)
+    locks = MachineLock.objects.using(alias).filter(machine_id__in=variants)
+    assert locks.live().count() == len(variants)
+    for machine_id in variants:
+        assert first.unlock(machine_id)
+        assert MachineLock.objects.using(alias).get(machine_id=machine_id).machine_id == machine_id
+
+
+def test_update_of_one_variant_leaves_the_others(memory: MachineMemory, alias: str) -> None:
+    base = new_id()
+    lower, upper, spaced = base + "-x", (base + "-x").upper(), base + "-x "
+    for machine_id in (lower, upper, spaced):
+        memory.write(machine_id, {"id": machine_id}, None)
+    memory.write(upper, {"id": upper, "changed": True}, memory.read(upper))
+    assert row(alias, lower).version == 1
+    assert row(alias, spaced).version == 1
+    assert row(alias, upper).version == 2
+    memory.cleanup_mode = "delete"
+    memory.cleanup(spaced, memory.read(spaced), None)
+    assert set(
+        MachineState.objects.using(alias)
+        .filter(machine_id__in=[lower, upper, spaced])
+        .values_list("machine_id", flat=True)
+    ) == {lower, upper}
