@@ -44,7 +44,7 @@ def django_db_setup(django_db_blocker: Any) -> Iterator[None]:
             else:
                 UNAVAILABLE[alias] = reason
         old = setup_databases(
-            verbosity=0, interactive=False, aliases=set(aliases), serialized_aliases=set()
+            verbosity=0, interactive=False, aliases=dict.fromkeys(aliases), serialized_aliases=set()
         )
     yield
     with django_db_blocker.unblock():

@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RUN_ID = os.environ.setdefault("MM_TEST_RUN_ID", f"{os.getpid()}_{int(time.time())}")
 TMP = Path(tempfile.gettempdir())
@@ -26,7 +27,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 PG_HOST = os.environ.get("MM_PG_HOST", "127.0.0.1")
 MARIADB_HOST = os.environ.get("MM_MARIADB_HOST", "127.0.0.1")
 
-DATABASES = {
+DATABASES: dict[str, dict[str, Any]] = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": str(TMP / f"machine_memory_{RUN_ID}.sqlite3"),

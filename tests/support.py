@@ -41,5 +41,5 @@ def use_test_databases() -> None:
     django.setup()
     for alias in settings.REAL_DATABASES:
         db = settings.DATABASES[alias]
-        db["NAME"] = db["TEST"]["NAME"]
+        db["NAME"] = db.get("TEST", {})["NAME"]
     enable_sqlite_pragmas()
