@@ -427,7 +427,9 @@ class BaseMachineMemory(ABC):
             if self._lock_attempt(machine_id, seconds):
                 return True
             if delay is None:
+                logger.debug("Lock on %r denied: held by another owner.", machine_id)
                 return False
+            logger.debug("Lock on %r busy; retrying in %.3f s.", machine_id, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -439,7 +441,9 @@ class BaseMachineMemory(ABC):
             if await attempt(machine_id, seconds):
                 return True
             if delay is None:
+                logger.debug("Lock on %r denied: held by another owner.", machine_id)
                 return False
+            logger.debug("Lock on %r busy; retrying in %.3f s.", machine_id, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
