@@ -43,6 +43,8 @@ class Dialect:
     # The database clock, as a SQL expression.
     now_sql = "CURRENT_TIMESTAMP"
     json_placeholder = "%s"
+    # What a SELECT without a table needs to be allowed a WHERE clause.
+    from_nothing = ""
     # Whether locks taken inside the caller's transaction.atomic() may use a second
     # connection of their own (SQLite allows one writer, so the two would deadlock).
     side_connection_ok = True
@@ -100,6 +102,13 @@ class Dialect:
             params.append(fence.fence_token)
         return sql, params
 
+    def insert_if_absent_sql(self, table: str, columns: str, select: str) -> str:
+        """INSERT of a one-row ``select`` that quietly inserts nothing when the key exists.
+
+        Quietly: a losing create must not raise, or it would poison the caller's atomic().
+        """
+        return f"INSERT INTO {table} ({columns}) {select} ON CONFLICT (machine_id) DO NOTHING"
+
     def insert_state(
         self,
         cursor: CursorWrapper,
@@ -112,10 +121,13 @@ class Dialect:
         where, where_params = self._lock_condition(fence, machine_id)
         now = self.now_sql
         cursor.execute(
-            f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
-            " parent_id, initiator, source, created_at, updated_at)"
-            f" SELECT %s, {self.json_placeholder}, 1, %s, %s, %s, %s, %s, {now}, {now}"
-            f" WHERE 1 = 1{where} ON CONFLICT (machine_id) DO NOTHING",
+            self.insert_if_absent_sql(
+                STATE_TABLE,
+                "machine_id, state, version, fence, execution_status, parent_id, initiator,"
+                " source, created_at, updated_at",
+                f"SELECT %s, {self.json_placeholder}, 1, %s, %s, %s, %s, %s, {now}, {now}"
+                f"{self.from_nothing} WHERE 1 = 1{where}",
+            ),
             [machine_id, text, fence.fence_token or 0, *meta, *where_params],
         )
         return int(cursor.rowcount) == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from machine_memory.exceptions import MachineMemoryError
-from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, Fence, Metadata
+from machine_memory.sql.base import LOCK_TABLE, Dialect
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -25,6 +25,7 @@ class MySQLDialect(Dialect):
     # Django stores naive UTC datetimes on MySQL; CURRENT_TIMESTAMP would follow the
     # session time zone.
     now_sql = "UTC_TIMESTAMP(6)"
+    from_nothing = " FROM DUAL"
 
     def id_collation(self, connection: BaseDatabaseWrapper) -> str | None:
         # Binary and NO PAD: ids differing only in case, accents or trailing spaces stay
@@ -56,25 +57,10 @@ class MySQLDialect(Dialect):
         if getattr(schema_editor.connection, "mysql_is_mariadb", False):
             schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
-    def insert_state(
-        self,
-        cursor: CursorWrapper,
-        machine_id: str,
-        text: str,
-        meta: Metadata,
-        fence: Fence,
-    ) -> bool:
-        where, where_params = self._lock_condition(fence, machine_id)
-        now = self.now_sql
-        # INSERT IGNORE reports 0 rows for a duplicate key without raising, so a losing
-        # create inside the caller's transaction does not poison it.
-        cursor.execute(
-            f"INSERT IGNORE INTO {STATE_TABLE} (machine_id, state, version, fence,"
-            " execution_status, parent_id, initiator, source, created_at, updated_at)"
-            f" SELECT %s, %s, 1, %s, %s, %s, %s, %s, {now}, {now} FROM DUAL WHERE 1 = 1{where}",
-            [machine_id, text, fence.fence_token or 0, *meta, *where_params],
-        )
-        return int(cursor.rowcount) == 1
+    def insert_if_absent_sql(self, table: str, columns: str, select: str) -> str:
+        # INSERT IGNORE reports 0 rows for a duplicate key without raising. (It also turns
+        # some data errors into warnings; every value here is validated beforehand.)
+        return f"INSERT IGNORE INTO {table} ({columns}) {select}"
 
     def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
         connection = cursor.db
