@@ -1,0 +1,353 @@
+"""Faults injected for real: servers that do not answer, connections killed by the server.
+
+Every raised error must mean that nothing was changed, and a write whose outcome the client
+never heard must be settled on a fresh connection (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.conf import settings
+from django.db import DatabaseError, OperationalError, connections, transaction
+
+from machine_memory import MachineMemory
+from machine_memory.exceptions import LockError, ReadError, WriteConflict, WriteError
+from machine_memory.memory import READ_DEADLINE
+from machine_memory.models import MachineState
+from tests.workers import ThreadRun, in_thread
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+SERVERS = pytest.mark.parametrize("alias", ["postgres", "mariadb"], indirect=True)
+
+# How each server names a session, ends one, and shows it.
+BACKEND_ID = {"postgres": "SELECT pg_backend_pid()", "mariadb": "SELECT CONNECTION_ID()"}
+KILL = {"postgres": "SELECT pg_terminate_backend(%s)", "mariadb": "KILL %s"}
+ALIVE = {
+    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+    "mariadb": "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s",
+}
+WAITING_FOR_A_ROW_LOCK = {
+    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+    "mariadb": "SELECT 1 FROM information_schema.INNODB_TRX"
+    " WHERE trx_mysql_thread_id = %s AND trx_state = 'LOCK WAIT'",
+}
+
+
+def backend_id(alias: str) -> int:
+    """The server's id of this thread's connection to ``alias`` (opening it if needed)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(BACKEND_ID[alias])
+        return int(cursor.fetchone()[0])
+
+
+def wait_for(alias: str, sql: str, backend: int, present: bool) -> None:
+    """From another connection, poll until ``sql`` finds ``backend`` (or no longer does)."""
+
+    def poll() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with connections[alias].cursor() as cursor:
+                cursor.execute(sql, [backend])
+                if (cursor.fetchone() is not None) == present:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"{alias} session {backend}: {sql} never became {present}")
+
+    in_thread(poll)
+
+
+def kill(alias: str, backend: int) -> None:
+    """End a session from another connection, the way an operator or a failover would."""
+
+    def end() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(KILL[alias], [backend])
+
+    in_thread(end)
+    wait_for(alias, ALIVE[alias], backend, present=False)
+
+
+def kill_this_threads_connection(alias: str) -> None:
+    kill(alias, backend_id(alias))
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, memory: MachineMemory, name: str) -> list[Any]:
+    """Record every call of ``memory.<name>`` (calling through to the real method)."""
+    calls: list[Any] = []
+    real: Callable[..., Any] = getattr(memory, name)
+
+    def wrapper(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(memory, name, wrapper)
+    return calls
+
+
+def read_elsewhere(alias: str, mid: str) -> dict[str, Any] | None:
+    return in_thread(lambda: MachineMemory(using=alias).read(mid))
+
+
+@pytest.fixture
+def down(alias: str) -> MachineMemory:
+    """A memory on an alias of the same vendor whose server does not answer."""
+    return MachineMemory(using=settings.DOWN_DATABASES[alias])
+
+
+# -- a server that does not answer -----------------------------------------------------------
+
+
+def test_read_retries_then_raises_within_a_second(
+    down: MachineMemory, mid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = counted(monkeypatch, down, "_load")
+    started = time.monotonic()
+    with pytest.raises(ReadError) as raised:
+        down.read(mid)
+    assert time.monotonic() - started < READ_DEADLINE
+    assert len(loads) == down.read_retries + 1 > 1
+    assert isinstance(raised.value.__cause__, DatabaseError)
+
+
+def test_async_read_retries_then_raises_within_a_second(
+    down: MachineMemory, mid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = counted(monkeypatch, down, "_load")
+    started = time.monotonic()
+    with pytest.raises(ReadError):
+        asyncio.run(down.aread(mid))
+    assert time.monotonic() - started < READ_DEADLINE
+    assert len(loads) == down.read_retries + 1 > 1
+
+
+def test_write_raises_write_error_after_a_single_attempt(
+    down: MachineMemory, mid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stores = counted(monkeypatch, down, "_store")
+    with pytest.raises(WriteError) as raised:
+        down.write(mid, {"n": 1}, None)
+    assert not isinstance(raised.value, WriteConflict)
+    assert isinstance(raised.value.__cause__, DatabaseError)
+    assert len(stores) == 1
+    # An update from a plain dict must first compare it with the stored state: same error.
+    with pytest.raises(WriteError) as raised:
+        down.write(mid, {"n": 2}, {"n": 1})
+    assert not isinstance(raised.value, WriteConflict)
+    assert len(stores) == 1
+
+
+def test_lock_raises_lock_error_not_false(down: MachineMemory, mid: str) -> None:
+    with pytest.raises(LockError) as raised:
+        down.lock(mid)
+    assert isinstance(raised.value.__cause__, DatabaseError)
+    assert not down.holds(mid)
+
+
+def test_unlock_returns_false_and_warns(
+    down: MachineMemory, mid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="machine_memory"):
+        assert down.unlock(mid) is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and mid in warnings[-1].getMessage()
+
+
+def test_lock_info_raises_lock_error(down: MachineMemory, mid: str) -> None:
+    with pytest.raises(LockError):
+        down.lock_info(mid)
+
+
+# -- a connection killed by the server -------------------------------------------------------
+
+
+@SERVERS
+def test_read_after_a_kill_retries_on_a_fresh_connection(
+    alias: str, mid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 1}, None)
+    before = backend_id(alias)
+    kill(alias, before)
+    loads = counted(monkeypatch, memory, "_load")
+    assert memory.read(mid) == {"n": 1}
+    assert len(loads) == 2  # the killed connection, then a new one
+    assert backend_id(alias) != before
+
+
+@SERVERS
+def test_lock_extend_unlock_after_kills(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    other = MachineMemory(using=alias, lock_retries=0)
+
+    kill_this_threads_connection(alias)
+    try:
+        first = memory.lock(mid)
+    except LockError:
+        # Nothing may stay locked behind an error: nobody calls unlock() after it.
+        assert memory.lock_info(mid) is None
+        assert not memory.holds(mid)
+        first = memory.lock(mid)
+    assert first is True
+    info = other.lock_info(mid)
+    assert info is not None and info.owner == memory.owner
+
+    kill_this_threads_connection(alias)
+    try:
+        extended = memory.extend(mid, ttl=600)
+    except LockError:
+        extended = memory.extend(mid, ttl=600)
+    assert extended is True
+    after = other.lock_info(mid)
+    assert after is not None and after.token == info.token and after.expires_at > info.expires_at
+
+    kill_this_threads_connection(alias)
+    # unlock retries on a fresh connection: released, no exception.
+    assert memory.unlock(mid) is True
+    assert other.lock_info(mid) is None
+    assert other.lock(mid)
+    assert other.unlock(mid)
+
+
+@SERVERS
+@pytest.mark.parametrize("locked", [False, True], ids=["unlocked", "locked"])
+def test_write_after_a_kill_reports_what_it_stored(alias: str, mid: str, locked: bool) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    prev = memory.read(mid)
+    if locked:
+        assert memory.lock(mid)
+    kill_this_threads_connection(alias)
+    failure: WriteError | None = None
+    try:
+        memory.write(mid, {"n": 1}, prev)
+    except WriteError as exc:
+        failure = exc
+    if failure is not None:
+        # Reported as failed: then nothing was stored ...
+        assert not isinstance(failure, WriteConflict)
+        assert read_elsewhere(alias, mid) == {"n": 0}
+        # ... and the redelivered event goes through on a new connection.
+        memory.write(mid, {"n": 1}, prev)
+    assert read_elsewhere(alias, mid) == {"n": 1}
+    if locked:
+        assert memory.unlock(mid)
+
+
+@SERVERS
+def test_connection_killed_mid_statement_stores_nothing(alias: str, mid: str) -> None:
+    """The write is on the wire, waiting for a row lock, when the server ends its session."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    prev = memory.read(mid)
+    writer_id: list[int] = []
+    ready = threading.Event()
+
+    def writer() -> Exception | None:
+        writer_id.append(backend_id(alias))
+        ready.set()
+        try:
+            memory.write(mid, {"n": 1}, prev)
+        except WriteError as exc:
+            return exc
+        return None
+
+    # Hold the state row under a row lock, so that the writer's UPDATE waits on the server.
+    with transaction.atomic(using=alias):
+        MachineState.objects.using(alias).select_for_update().get(machine_id=mid)
+        run = ThreadRun(writer)
+        assert ready.wait(10)
+        wait_for(alias, WAITING_FOR_A_ROW_LOCK[alias], writer_id[0], present=True)
+        kill(alias, writer_id[0])
+    outcome = run.result()
+    assert isinstance(outcome, WriteError) and not isinstance(outcome, WriteConflict)
+    assert isinstance(outcome.__cause__, OperationalError)
+    assert read_elsewhere(alias, mid) == {"n": 0}
+    # Nothing half-done either: the version is unchanged, so the redelivered event succeeds.
+    memory.write(mid, {"n": 1}, prev)
+    assert read_elsewhere(alias, mid) == {"n": 1}
+
+
+# -- a write whose reply was lost ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["create", "update"])
+def test_write_that_landed_before_its_reply_was_lost_returns_normally(
+    alias: str, mid: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MachineMemory(using=alias)
+    prev = None
+    if kind == "update":
+        memory.write(mid, {"n": 0}, None)
+        prev = memory.read(mid)
+    real_store = memory._store
+    calls: list[bool] = []
+
+    def store_then_lose_the_reply(*args: Any) -> bool:
+        calls.append(real_store(*args))
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(memory, "_store", store_then_lose_the_reply)
+    data = {"n": 1}
+    memory.write(mid, data, prev)  # found out on a fresh connection that it landed
+    assert calls == [True]
+    assert read_elsewhere(alias, mid) == {"n": 1}
+    # The write is known to have landed: its data is the current version for the next one.
+    monkeypatch.undo()
+    memory.write(mid, {"n": 2}, data)
+    assert read_elsewhere(alias, mid) == {"n": 2}
+
+
+@pytest.mark.parametrize("kind", ["create", "update"])
+def test_write_lost_before_it_landed_raises_and_stores_nothing(
+    alias: str, mid: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MachineMemory(using=alias)
+    prev = None
+    if kind == "update":
+        memory.write(mid, {"n": 0}, None)
+        prev = memory.read(mid)
+    calls: list[tuple[Any, ...]] = []
+
+    def lose_the_statement(*args: Any) -> bool:
+        calls.append(args)
+        raise OperationalError("could not send data to server")
+
+    monkeypatch.setattr(memory, "_store", lose_the_statement)
+    with pytest.raises(WriteError) as raised:
+        memory.write(mid, {"n": 1}, prev)
+    assert not isinstance(raised.value, WriteConflict)
+    assert len(calls) == 1  # no retry
+    assert read_elsewhere(alias, mid) == (None if prev is None else {"n": 0})
+    monkeypatch.undo()
+    memory.write(mid, {"n": 1}, prev)
+    assert read_elsewhere(alias, mid) == {"n": 1}
+
+
+def test_write_rejected_before_its_reply_was_lost_raises(
+    alias: str, mid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement ran but matched nothing (stale prev_data); then the reply was lost."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    stale = memory.read(mid)
+    memory.write(mid, {"n": 1}, memory.read(mid))
+    real_store = memory._store
+    calls: list[bool] = []
+
+    def store_then_lose_the_reply(*args: Any) -> bool:
+        calls.append(real_store(*args))
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(memory, "_store", store_then_lose_the_reply)
+    with pytest.raises(WriteError):
+        memory.write(mid, {"n": 2}, stale)
+    assert calls == [False]
+    assert read_elsewhere(alias, mid) == {"n": 1}

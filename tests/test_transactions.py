@@ -1,0 +1,287 @@
+"""The memory inside the caller's ``transaction.atomic()``.
+
+Locks must never depend on the caller's commit: on PostgreSQL and MariaDB they go through a
+connection of their own and are visible to other connections at once; on SQLite (one writer
+at a time) they refuse with a message naming the fix. State writes join the caller's
+transaction. "Another connection" is another thread: Django's connections are per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.contrib.auth.models import Group
+from django.db import transaction
+
+from machine_memory import LockInfo, MachineMemory
+from machine_memory.exceptions import LockLost, MachineMemoryError, WriteError
+from tests.workers import in_thread
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+SERVERS = pytest.mark.parametrize("alias", ["postgres", "mariadb"], indirect=True)
+SQLITE = pytest.mark.parametrize("alias", ["default"], ids=["sqlite"], indirect=True)
+SHORT_TTL = 0.2
+
+
+class Rollback(Exception):
+    """Raised to make the caller's atomic() block roll back."""
+
+
+@contextmanager
+def rolled_back(alias: str) -> Iterator[None]:
+    """The caller's ``atomic()`` block, left by an exception (so rolled back) at its end."""
+    with contextlib.suppress(Rollback), transaction.atomic(using=alias):
+        yield
+        raise Rollback
+
+
+def seen_elsewhere(alias: str, mid: str) -> tuple[bool, LockInfo | None]:
+    """From another connection: can another owner take the lock (no retries), and who holds it."""
+
+    def probe() -> tuple[bool, LockInfo | None]:
+        other = MachineMemory(using=alias, lock_retries=0)
+        info = other.lock_info(mid)
+        taken = other.lock(mid)
+        if taken:
+            assert other.unlock(mid)
+        return taken, info
+
+    return in_thread(probe)
+
+
+def read_elsewhere(alias: str, mid: str) -> dict[str, Any] | None:
+    return in_thread(lambda: MachineMemory(using=alias).read(mid))
+
+
+def take_over(alias: str, mid: str) -> str:
+    """Another owner takes the (expired) lock on another connection, keeps it, returns its name."""
+
+    def steal() -> str:
+        thief = MachineMemory(using=alias, lock_retries=0)
+        assert thief.lock(mid)
+        return thief.owner
+
+    return in_thread(steal)
+
+
+# -- locks inside atomic() ----------------------------------------------------------------
+
+
+@SERVERS
+def test_lock_inside_atomic_is_visible_at_once_and_survives_rollback(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    with rolled_back(alias):
+        assert memory.lock(mid)
+        taken, info = seen_elsewhere(alias, mid)
+        assert not taken
+        assert info is not None and info.owner == memory.owner
+        token = info.token
+    taken, info = seen_elsewhere(alias, mid)
+    assert not taken
+    assert info is not None and (info.owner, info.token) == (memory.owner, token)
+    assert memory.holds(mid)
+    assert memory.unlock(mid)
+    assert seen_elsewhere(alias, mid) == (True, None)
+    memory.close()
+
+
+@SERVERS
+def test_unlock_inside_atomic_is_visible_at_once_and_survives_rollback(
+    alias: str, mid: str
+) -> None:
+    memory = MachineMemory(using=alias)
+    assert memory.lock(mid)
+    with rolled_back(alias):
+        assert memory.unlock(mid)
+        assert seen_elsewhere(alias, mid) == (True, None)
+    assert memory.lock_info(mid) is None
+    assert not memory.holds(mid)
+    assert seen_elsewhere(alias, mid) == (True, None)
+    memory.close()
+
+
+@SERVERS
+def test_extend_inside_atomic_is_visible_at_once_and_survives_rollback(
+    alias: str, mid: str
+) -> None:
+    memory = MachineMemory(using=alias)
+    assert memory.lock(mid, ttl=30)
+    before = memory.lock_info(mid)
+    assert before is not None
+    with rolled_back(alias):
+        assert memory.extend(mid, ttl=3600)
+        taken, during = seen_elsewhere(alias, mid)
+        assert not taken
+        assert during is not None and during.token == before.token
+        assert during.expires_at >= before.expires_at + timedelta(minutes=50)
+    taken, after = seen_elsewhere(alias, mid)
+    assert not taken
+    assert after == during
+    assert memory.unlock(mid)
+    memory.close()
+
+
+@SERVERS
+def test_lock_cycle_inside_one_atomic_block(alias: str, mid: str) -> None:
+    """The whole Arvo cycle inside the caller's transaction: lock, read, write, unlock."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"step": 0}, None)
+    with transaction.atomic(using=alias):
+        assert memory.lock(mid)
+        state = memory.read(mid)
+        memory.write(mid, {"step": 1}, state)
+        assert memory.unlock(mid)
+        # Released for everyone at once, while the state change is still uncommitted.
+        assert seen_elsewhere(alias, mid) == (True, None)
+        assert read_elsewhere(alias, mid) == {"step": 0}
+    assert read_elsewhere(alias, mid) == {"step": 1}
+    memory.close()
+
+
+@SQLITE
+def test_lock_inside_atomic_on_sqlite_names_the_fix(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    with transaction.atomic(using=alias):
+        with pytest.raises(MachineMemoryError) as raised:
+            memory.lock(mid)
+        assert "atomic" in str(raised.value)
+        assert "before" in str(raised.value)  # the fix: lock before entering atomic()
+        assert not memory.holds(mid)
+    assert memory.lock_info(mid) is None
+    assert seen_elsewhere(alias, mid) == (True, None)
+
+
+@SQLITE
+def test_unlock_and_extend_inside_atomic_on_sqlite_name_the_fix(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    assert memory.lock(mid, ttl=30)
+    before = memory.lock_info(mid)
+    with transaction.atomic(using=alias):
+        with pytest.raises(MachineMemoryError, match="atomic"):
+            memory.extend(mid, ttl=3600)
+        with pytest.raises(MachineMemoryError, match="atomic"):
+            memory.unlock(mid)
+    # Neither took effect: the lock is still held, with its old expiry.
+    assert memory.lock_info(mid) == before
+    assert memory.holds(mid)
+    assert memory.unlock(mid)
+    assert memory.lock_info(mid) is None
+
+
+# -- writes join the caller's transaction ----------------------------------------------------
+
+
+def test_write_inside_atomic_rolls_back_with_the_caller(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 1}, None)
+    prev = memory.read(mid)
+    with rolled_back(alias):
+        memory.write(mid, {"n": 2}, prev)
+        Group.objects.using(alias).create(name=mid)
+        assert memory.read(mid) == {"n": 2}  # the caller's transaction sees its own write
+    assert memory.read(mid) == {"n": 1}
+    assert not Group.objects.using(alias).filter(name=mid).exists()
+    # The event is redelivered: the same prev_data is still current, and the write goes through.
+    memory.write(mid, {"n": 2}, prev)
+    assert read_elsewhere(alias, mid) == {"n": 2}
+
+
+def test_create_inside_atomic_rolls_back_with_the_caller(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    with rolled_back(alias):
+        memory.write(mid, {"created": True}, None)
+    assert memory.read(mid) is None
+    memory.write(mid, {"created": True}, None)
+    assert read_elsewhere(alias, mid) == {"created": True}
+
+
+def test_write_inside_atomic_commits_with_the_caller(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    with transaction.atomic(using=alias):
+        memory.write(mid, {"n": 1}, None)
+        Group.objects.using(alias).create(name=mid)
+        # Not visible to another connection before the caller commits.
+        assert read_elsewhere(alias, mid) is None
+    assert read_elsewhere(alias, mid) == {"n": 1}
+    assert Group.objects.using(alias).filter(name=mid).exists()
+    state = memory.read(mid)
+    with transaction.atomic(using=alias):
+        memory.write(mid, {"n": 2}, state)
+        assert read_elsewhere(alias, mid) == {"n": 1}
+    assert read_elsewhere(alias, mid) == {"n": 2}
+
+
+# -- fencing inside atomic() -----------------------------------------------------------------
+
+
+def test_write_inside_atomic_under_a_lock_taken_before(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    assert memory.lock(mid)
+    with transaction.atomic(using=alias):
+        state = memory.read(mid)
+        memory.write(mid, {"n": 1}, state)
+    assert memory.unlock(mid)
+    assert read_elsewhere(alias, mid) == {"n": 1}
+
+
+def test_write_inside_atomic_after_a_takeover_is_fenced(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    state = memory.read(mid)
+    assert memory.lock(mid, ttl=SHORT_TTL)
+    time.sleep(SHORT_TTL + 0.1)
+    thief = take_over(alias, mid)
+    with transaction.atomic(using=alias):
+        with pytest.raises(LockLost):
+            memory.write(mid, {"n": 1}, state)
+        # The rejection did not break the caller's transaction.
+        Group.objects.using(alias).create(name=mid)
+    assert Group.objects.using(alias).filter(name=mid).exists()
+    assert read_elsewhere(alias, mid) == {"n": 0}
+    info = memory.lock_info(mid)
+    assert info is not None and info.owner == thief
+
+
+@SERVERS
+def test_takeover_during_the_callers_transaction_is_fenced(alias: str, mid: str) -> None:
+    """The lock is lost after the caller's transaction has already read the state."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    assert memory.lock(mid, ttl=SHORT_TTL)
+    with transaction.atomic(using=alias):
+        state = memory.read(mid)
+        time.sleep(SHORT_TTL + 0.1)
+        thief = take_over(alias, mid)
+        with pytest.raises(LockLost):
+            memory.write(mid, {"n": 1}, state)
+    assert read_elsewhere(alias, mid) == {"n": 0}
+    info = memory.lock_info(mid)
+    assert info is not None and info.owner == thief
+
+
+@SQLITE
+def test_takeover_during_the_callers_transaction_on_sqlite_stores_nothing(
+    alias: str, mid: str
+) -> None:
+    """SQLite cannot upgrade a read snapshot that another writer has since overtaken.
+
+    The write then fails as a whole (``WriteError``) inside the caller's transaction.
+    """
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    assert memory.lock(mid, ttl=SHORT_TTL)
+    with transaction.atomic(using=alias):
+        state = memory.read(mid)
+        time.sleep(SHORT_TTL + 0.1)
+        take_over(alias, mid)
+        with pytest.raises(WriteError):
+            memory.write(mid, {"n": 1}, state)
+    assert read_elsewhere(alias, mid) == {"n": 0}

@@ -1,0 +1,140 @@
+"""Workers for the concurrency and fault tests: threads and spawned processes.
+
+Each worker uses its own ``MachineMemory`` and its own database connection (Django's
+connections are per thread), and closes its connections when it ends. The process entry
+point is a module-level function so that the "spawn" start method can import it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
+
+# A denied lock() returns at once (no retries inside lock()), so that every denial shows in
+# the report; the worker then tries its next id, and naps briefly after a pass with no luck.
+IDLE_NAP = 0.002
+
+
+@dataclass
+class CycleReport:
+    """What one worker did: increments per id, lock hold intervals, surprises."""
+
+    owner: str = ""
+    done: dict[str, int] = field(default_factory=dict)
+    # (machine id, monotonic time right after lock() returned True, right before unlock())
+    intervals: list[tuple[str, float, float]] = field(default_factory=list)
+    denials: int = 0
+    conflicts: int = 0
+    failed_unlocks: int = 0
+
+
+def increment_cycles(alias: str, ids: list[str], rounds: int, first: int = 0) -> CycleReport:
+    """The Arvo cycle: lock -> read -> +1 -> write(new, prev) -> unlock, ``rounds`` times per id.
+
+    A denied lock moves on to the next id; a ``WriteConflict`` retries the increment.
+    """
+    from machine_memory import MachineMemory
+    from machine_memory.exceptions import WriteConflict
+
+    memory = MachineMemory(using=alias, lock_retries=0)
+    report = CycleReport(owner=memory.owner, done=dict.fromkeys(ids, 0))
+    # Start on a different id in each worker, so that some of the races are for fresh ids.
+    order = ids[first % len(ids) :] + ids[: first % len(ids)]
+    try:
+        while any(report.done[mid] < rounds for mid in ids):
+            progress = False
+            for mid in order:
+                if report.done[mid] >= rounds:
+                    continue
+                if not memory.lock(mid):
+                    report.denials += 1
+                    continue
+                progress = True
+                acquired = time.monotonic()
+                try:
+                    state = memory.read(mid)
+                    count = 0 if state is None else state["count"]
+                    memory.write(mid, {"count": count + 1, "by": memory.owner}, state)
+                except WriteConflict:
+                    report.conflicts += 1
+                else:
+                    report.done[mid] += 1
+                finally:
+                    report.intervals.append((mid, acquired, time.monotonic()))
+                    if not memory.unlock(mid):
+                        report.failed_unlocks += 1
+            if not progress:
+                time.sleep(IDLE_NAP)
+    finally:
+        memory.close()
+    return report
+
+
+def increment_process(
+    alias: str, ids: list[str], rounds: int, index: int, start: Any, results: Any
+) -> None:
+    """Entry point of a spawned worker process: wait for the others, then run the cycles."""
+    try:
+        from tests.support import use_test_databases
+
+        use_test_databases()
+        from django.db import connections
+
+        # Connect before the barrier, so that the race is not decided by connection set-up.
+        connections[alias].ensure_connection()
+        start.wait(timeout=60)
+        try:
+            results.put(("ok", index, increment_cycles(alias, ids, rounds, first=index)))
+        finally:
+            connections.close_all()
+    except BaseException:
+        results.put(("error", index, traceback.format_exc()))
+
+
+class ThreadRun(Generic[T]):
+    """A function running in a thread of its own, with its own database connections."""
+
+    def __init__(self, fn: Callable[..., T], *args: Any) -> None:
+        self._fn = fn
+        self._args = args
+        self._outcome: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from django.db import connections
+
+        try:
+            self._outcome.put((True, self._fn(*self._args)))
+        except BaseException as exc:
+            self._outcome.put((False, exc))
+        finally:
+            connections.close_all()
+
+    def result(self, timeout: float = 60) -> T:
+        """The function's return value; its exception is re-raised here."""
+        ok, value = self._outcome.get(timeout=timeout)
+        self.thread.join(timeout)
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+
+def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on another thread (so on other database connections) and return its result."""
+    return ThreadRun(fn, *args).result()
+
+
+def run_threads(fn: Callable[[int], T], count: int, timeout: float = 120) -> list[T]:
+    """Run ``fn(0)`` … ``fn(count - 1)`` at once, each on its own thread; their results."""
+    runs = [ThreadRun(fn, index) for index in range(count)]
+    return [run.result(timeout) for run in runs]
