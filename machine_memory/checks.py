@@ -120,7 +120,9 @@ def _check_database(alias: str) -> list[CheckMessage]:
                 id="machine_memory.E013",
             )
         ]
-    return []
+    from machine_memory.sql import dialect_for
+
+    return dialect_for(connections[alias]).check_settings(alias, settings.DATABASES[alias])
 
 
 def _check_lock_backend(raw: dict[str, Any]) -> list[CheckMessage]:

@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import sync_to_async
 
@@ -45,7 +45,7 @@ from machine_memory.validation import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Mapping
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.utils import CursorWrapper
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from machine_memory.sql.base import Dialect, Fence, Metadata
 
 logger = logging.getLogger("machine_memory")
+
+T = TypeVar("T")
 
 # read gives up within this many seconds, whatever READ_RETRIES says (SPEC §2).
 READ_DEADLINE = 1.0
@@ -181,6 +183,10 @@ class BaseMachineMemory(ABC):
     def _lock_errors(self) -> tuple[type[BaseException], ...]:
         return self.storage_errors
 
+    # The subset worth one more try on a fresh connection.
+    def _lock_transient_errors(self) -> tuple[type[BaseException], ...]:
+        return self.transient_errors
+
     def _in_transaction(self) -> bool:
         """True while the caller's transaction is open: no reconnecting then."""
         return False
@@ -288,7 +294,10 @@ class BaseMachineMemory(ABC):
             self._raise_rejected(machine_id, expected, token)
         if prev_data is not None:
             self._forget(machine_id, prev_data)
-        self._remember(machine_id, data, 1 if expected is None else expected + 1)
+        # Inside the caller's transaction the new version may still be rolled back; a later
+        # write from `data` then falls back to the content compare, which is always right.
+        if not self._in_transaction():
+            self._remember(machine_id, data, 1 if expected is None else expected + 1)
 
     def _expected_version(self, machine_id: str, prev_data: dict[str, Any]) -> int:
         version = self._seen_version(machine_id, prev_data)
@@ -397,7 +406,10 @@ class BaseMachineMemory(ABC):
 
     def _lock_attempt(self, machine_id: str, ttl: float) -> bool:
         try:
-            token = self._acquire(machine_id, ttl)
+            try:
+                token = self._acquire(machine_id, ttl)
+            except self._lock_transient_errors():
+                token = self._acquire_after_reconnect(machine_id, ttl)
         except self._lock_errors() as exc:
             self._after_failed_acquire(machine_id)
             raise LockError(f"Locking machine {machine_id!r} failed: {exc}") from exc
@@ -405,6 +417,26 @@ class BaseMachineMemory(ABC):
             return False
         self._held[machine_id] = token
         return True
+
+    def _acquire_after_reconnect(self, machine_id: str, ttl: float) -> int | None:
+        # A stale or killed connection (a pooler reset, a failover, a restarted server)
+        # fails its first statement, and that attempt may even have committed. One look on
+        # a fresh connection settles it, instead of failing the event for nothing.
+        self._recover()
+        info = self._lock_info(machine_id)
+        if info is not None and info.owner == self.owner:
+            # Ours: either the failed attempt landed (adopt it) or this instance already
+            # held the lock before this call (lock() is not reentrant: denied).
+            return None if self._held.get(machine_id) == info.token else info.token
+        return self._acquire(machine_id, ttl)
+
+    def _reconnecting(self, operation: Callable[..., T], *args: Any) -> T:
+        """Run a lock operation; after a transient error, once more on a fresh connection."""
+        try:
+            return operation(*args)
+        except self._lock_transient_errors():
+            self._recover()
+            return operation(*args)
 
     def _after_failed_acquire(self, machine_id: str) -> None:
         # The acquisition may have committed before its connection died. Nobody will call
@@ -495,7 +527,7 @@ class BaseMachineMemory(ABC):
         if token is None:
             return False
         try:
-            extended = self._extend(machine_id, token, seconds)
+            extended = self._reconnecting(self._extend, machine_id, token, seconds)
         except self._lock_errors() as exc:
             self._recover()
             raise LockError(f"Extending the lock on {machine_id!r} failed: {exc}") from exc
@@ -509,7 +541,7 @@ class BaseMachineMemory(ABC):
         """The live lock on ``machine_id`` (owner, token, acquired_at, expires_at), or None."""
         machine_id = validate_id(machine_id)
         try:
-            return self._lock_info(machine_id)
+            return self._reconnecting(self._lock_info, machine_id)
         except self._lock_errors() as exc:
             self._recover()
             raise LockError(f"Reading the lock on {machine_id!r} failed: {exc}") from exc
@@ -681,6 +713,9 @@ class MachineMemory(BaseMachineMemory):
 
     def _lock_errors(self) -> tuple[type[BaseException], ...]:
         return self.locks.errors
+
+    def _lock_transient_errors(self) -> tuple[type[BaseException], ...]:
+        return self.locks.transient_errors
 
     def _acquire(self, machine_id: str, ttl: float) -> int | None:
         return self.locks.acquire(machine_id, self.owner, ttl)

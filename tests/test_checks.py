@@ -170,6 +170,30 @@ def test_e013_unsupported_database_vendor(unsupported_alias: str) -> None:
     assert unsupported_alias in message.msg
 
 
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
+@pytest.mark.parametrize("level", ["repeatable read", "SERIALIZABLE"])
+def test_w002_mariadb_isolation_level(level: str) -> None:
+    mariadb = settings.DATABASES["mariadb"]
+    options = {**mariadb.get("OPTIONS", {}), "isolation_level": level}
+    with override_settings(
+        DATABASES={**settings.DATABASES, "mariadb": {**mariadb, "OPTIONS": options}}
+    ):
+        message = assert_reported(messages_for({"DATABASE": "mariadb"}), "W002")
+    assert isinstance(message, Warning)
+    assert "read committed" in (message.hint or "")
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
+def test_w002_not_reported_for_read_committed() -> None:
+    assert messages_for({"DATABASE": "mariadb"}) == []
+    mariadb = settings.DATABASES["mariadb"]
+    options = {**mariadb.get("OPTIONS", {}), "isolation_level": "read committed"}
+    with override_settings(
+        DATABASES={**settings.DATABASES, "mariadb": {**mariadb, "OPTIONS": options}}
+    ):
+        assert messages_for({"DATABASE": "mariadb"}) == []
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
     from django.db.backends.utils import CursorWrapper
@@ -51,6 +52,10 @@ class Dialect:
 
     def id_collation(self, connection: BaseDatabaseWrapper) -> str | None:
         return None
+
+    def check_settings(self, alias: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
+        """System-check messages about a database configuration this vendor cannot use well."""
+        return []
 
     def id_db_type(self, max_length: int | None) -> str | None:
         """Column type of machine ids; None for Django's usual CharField type."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from django.core.checks import Warning
+
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql.base import LOCK_TABLE, Dialect
 
 if TYPE_CHECKING:
+    from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
     from django.db.backends.utils import CursorWrapper
@@ -26,6 +29,25 @@ class MySQLDialect(Dialect):
     # session time zone.
     now_sql = "UTC_TIMESTAMP(6)"
     from_nothing = " FROM DUAL"
+
+    def check_settings(self, alias: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
+        # Under REPEATABLE READ, InnoDB takes shared locks on the lock row that a fenced
+        # write reads in its EXISTS, held until the caller's transaction ends: a lock() or
+        # unlock() from another connection then waits for innodb_lock_wait_timeout. Django
+        # defaults to READ COMMITTED, where those reads are plain consistent reads.
+        level = settings_dict.get("OPTIONS", {}).get("isolation_level", "read committed")
+        if str(level).lower() == "read committed":
+            return []
+        return [
+            Warning(
+                f"Database {alias!r} uses isolation level {level!r}; fenced writes inside "
+                "transaction.atomic() then block other workers' lock() and unlock() until "
+                "the transaction ends.",
+                hint="Remove OPTIONS['isolation_level'] (Django's default is 'read committed') "
+                "or set it to 'read committed'.",
+                id="machine_memory.W002",
+            )
+        ]
 
     def id_collation(self, connection: BaseDatabaseWrapper) -> str | None:
         # Binary and NO PAD: ids differing only in case, accents or trailing spaces stay
