@@ -588,14 +588,17 @@ class BaseMachineMemory(ABC):
         """Arvo's hook after the final write: delete the state (CLEANUP="delete"), then unlock.
 
         The delete is a compare-and-set against ``data``, the state just written: if anyone
-        wrote since, ``WriteConflict`` is raised and the state is kept.
+        wrote since, ``WriteConflict`` is raised and the state is kept. The lock is released
+        either way.
         """
         machine_id = validate_id(machine_id)
         if metadata is not None:
             resolve_metadata(data or {}, metadata, machine_id)
-        if self.cleanup_mode == "delete":
-            self._delete_state(machine_id, data)
-        self.unlock(machine_id)
+        try:
+            if self.cleanup_mode == "delete":
+                self._delete_state(machine_id, data)
+        finally:
+            self.unlock(machine_id)
 
     def _delete_state(self, machine_id: str, data: dict[str, Any] | None) -> None:
         token = self._held.get(machine_id)

@@ -493,9 +493,11 @@ class MachineMemoryConformance:
         final: dict[str, Any] = {"s": 1}
         memory.write(machine_id, final, None)
         other.write(machine_id, {"s": 2}, other.read(machine_id))
+        assert memory.lock(machine_id)
         with _raises(WriteConflict):
             memory.cleanup(machine_id, final, None)
         assert memory.read(machine_id) == {"s": 2}
+        assert memory.lock_info(machine_id) is None  # released all the same
 
     # -- bad input -----------------------------------------------------------------------
 
