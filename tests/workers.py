@@ -22,6 +22,9 @@ T = TypeVar("T")
 # A denied lock() returns at once (no retries inside lock()), so that every denial shows in
 # the report; the worker then tries its next id, and naps briefly after a pass with no luck.
 IDLE_NAP = 0.002
+# The "work" of an event, done while holding the lock: long enough that workers really do
+# collide (without it a fast database can serialise them by luck and nothing is proven).
+WORK = 0.003
 
 
 @dataclass
@@ -63,6 +66,7 @@ def increment_cycles(alias: str, ids: list[str], rounds: int, first: int = 0) ->
                 try:
                     state = memory.read(mid)
                     count = 0 if state is None else state["count"]
+                    time.sleep(WORK)
                     memory.write(mid, {"count": count + 1, "by": memory.owner}, state)
                 except WriteConflict:
                     report.conflicts += 1
