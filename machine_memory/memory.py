@@ -36,6 +36,8 @@ from machine_memory.exceptions import (
     WriteConflict,
     WriteError,
 )
+from machine_memory.sql.base import NO_FENCE
+from machine_memory.sql.cursor import cursor_for
 from machine_memory.validation import (
     decode_state,
     encode_state,
@@ -48,10 +50,12 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
     from django.db.backends.base.base import BaseDatabaseWrapper
-    from django.db.backends.utils import CursorWrapper
 
     from machine_memory.locks.base import LockBackend, LockInfo
-    from machine_memory.sql.base import Dialect, Fence, Metadata
+    from machine_memory.sql.base import Fence, Metadata
+
+    # What _load returns: the stored document, its version, its metadata columns.
+    Stored = tuple[Any, int, Metadata]
 
 logger = logging.getLogger("machine_memory")
 
@@ -136,7 +140,9 @@ class BaseMachineMemory(ABC):
         # Objects handed out by read() (and accepted by write()): (id, id(obj)) -> (obj,
         # version). write() follows the version, not the content, because callers may
         # mutate the object they read before passing it back as prev_data.
-        self._seen: OrderedDict[tuple[str, int], tuple[dict[str, Any], int]] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int], tuple[dict[str, Any], int, Metadata]] = (
+            OrderedDict()
+        )
         self._seen_lock = threading.Lock()
         # Errors of the state storage, and the subset worth a retry on a new connection.
         self.storage_errors: tuple[type[BaseException], ...] = ()
@@ -145,8 +151,8 @@ class BaseMachineMemory(ABC):
     # -- storage primitives (one attempt each) ------------------------------------------
 
     @abstractmethod
-    def _load(self, machine_id: str) -> tuple[Any, int] | None:
-        """The stored document (text or decoded) and its version, or None."""
+    def _load(self, machine_id: str) -> Stored | None:
+        """The stored document (text or decoded), its version and metadata, or None."""
 
     @abstractmethod
     def _store(
@@ -154,10 +160,13 @@ class BaseMachineMemory(ABC):
         machine_id: str,
         text: str,
         expected_version: int | None,
-        meta: Metadata,
+        meta: Metadata | None,
         token: int | None,
     ) -> bool:
-        """Create (expected None) or compare-and-set; fenced by ``token`` when held."""
+        """Create (expected None) or compare-and-set; fenced by ``token`` when held.
+
+        ``meta`` None (updates only): the metadata did not change; leave it as stored.
+        """
 
     @abstractmethod
     def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
@@ -196,16 +205,16 @@ class BaseMachineMemory(ABC):
 
     # -- the seen-version map -----------------------------------------------------------
 
-    def _remember(self, machine_id: str, obj: dict[str, Any], version: int) -> None:
+    def _remember(self, machine_id: str, obj: dict[str, Any], version: int, meta: Metadata) -> None:
         with self._seen_lock:
-            self._seen[(machine_id, id(obj))] = (obj, version)
+            self._seen[(machine_id, id(obj))] = (obj, version, meta)
             if len(self._seen) > SEEN_LIMIT:
                 self._seen.popitem(last=False)
 
-    def _seen_version(self, machine_id: str, obj: object) -> int | None:
+    def _seen_version(self, machine_id: str, obj: object) -> tuple[int, Metadata] | None:
         with self._seen_lock:
             entry = self._seen.get((machine_id, id(obj)))
-        return entry[1] if entry is not None and entry[0] is obj else None
+        return (entry[1], entry[2]) if entry is not None and entry[0] is obj else None
 
     def _forget(self, machine_id: str, obj: object) -> None:
         with self._seen_lock:
@@ -230,7 +239,7 @@ class BaseMachineMemory(ABC):
         if row is None:
             return None
         data = decode_state(row[0])
-        self._remember(machine_id, data, row[1])
+        self._remember(machine_id, data, row[1], row[2])
         return data
 
     def read(self, machine_id: str) -> dict[str, Any] | None:
@@ -283,9 +292,14 @@ class BaseMachineMemory(ABC):
                 f"to create the state; got {type(prev_data).__name__}."
             )
         token = self._held.get(machine_id)
-        expected = None if prev_data is None else self._expected_version(machine_id, prev_data)
+        expected: int | None = None
+        changed: Metadata | None = meta
+        if prev_data is not None:
+            expected, stored_meta = self._expected_version(machine_id, prev_data)
+            if stored_meta == meta:
+                changed = None
         try:
-            stored = self._store(machine_id, text, expected, meta, token)
+            stored = self._store(machine_id, text, expected, changed, token)
         except self.transient_errors as exc:
             stored = self._landed_after_failure(machine_id, data, expected, exc)
         except self.storage_errors as exc:
@@ -297,12 +311,13 @@ class BaseMachineMemory(ABC):
         # Inside the caller's transaction the new version may still be rolled back; a later
         # write from `data` then falls back to the content compare, which is always right.
         if not self._in_transaction():
-            self._remember(machine_id, data, 1 if expected is None else expected + 1)
+            self._remember(machine_id, data, 1 if expected is None else expected + 1, meta)
 
-    def _expected_version(self, machine_id: str, prev_data: dict[str, Any]) -> int:
-        version = self._seen_version(machine_id, prev_data)
-        if version is not None:
-            return version
+    def _expected_version(self, machine_id: str, prev_data: dict[str, Any]) -> tuple[int, Metadata]:
+        """The version (and its metadata) that ``prev_data`` stands for."""
+        seen = self._seen_version(machine_id, prev_data)
+        if seen is not None:
+            return seen
         # Not an object read() handed out here: accept it if it equals the stored state,
         # and then compare-and-set against the version that was compared. The version
         # check in _store closes the gap between the two statements, so no row lock (and,
@@ -327,7 +342,7 @@ class BaseMachineMemory(ABC):
                 f"Machine {machine_id!r}: prev_data is neither the object read() returned nor "
                 f"equal to the stored state (version {row[1]}). Read again and retry.",
             )
-        return row[1]
+        return row[1], row[2]
 
     def _landed_after_failure(
         self, machine_id: str, data: dict[str, Any], expected: int | None, exc: BaseException
@@ -605,10 +620,8 @@ class BaseMachineMemory(ABC):
         try:
             if data is None:
                 expected = self._current_version(machine_id)
-            elif (seen := self._seen_version(machine_id, data)) is not None:
-                expected = seen
             else:
-                expected = self._expected_version(machine_id, data)
+                expected = self._expected_version(machine_id, data)[0]
             if expected is None or self._remove(machine_id, expected, token):
                 if data is not None:
                     self._forget(machine_id, data)
@@ -647,6 +660,7 @@ class MachineMemory(BaseMachineMemory):
 
         from machine_memory.locks import backend_class
         from machine_memory.locks.base import LockBackend
+        from machine_memory.sql import dialect_for
 
         super().__init__(lock_ttl=lock_ttl, owner=owner, **options)
         self.using = conf.DATABASE if using is None else using
@@ -655,6 +669,9 @@ class MachineMemory(BaseMachineMemory):
                 f"Database alias {self.using!r} is not in settings.DATABASES; "
                 "set MACHINE_MEMORY['DATABASE'] or pass using=."
             )
+        self._connections = connections
+        # The vendor is known from ENGINE without connecting.
+        self.dialect = dialect_for(connections[self.using])
         self.storage_errors = (DatabaseError,)
         self.transient_errors = (OperationalError, InterfaceError)
         backend = conf.LOCK_BACKEND if lock_backend is None else lock_backend
@@ -671,45 +688,42 @@ class MachineMemory(BaseMachineMemory):
         )
 
     def _connection(self) -> BaseDatabaseWrapper:
-        from django.db import connections
-
-        return connections[self.using]
-
-    @contextmanager
-    def _statement(self) -> Iterator[tuple[Dialect, CursorWrapper]]:
-        from machine_memory.sql import dialect_for
-
-        connection = self._connection()
-        with connection.cursor() as cursor:
-            yield dialect_for(connection), cursor
+        return self._connections[self.using]
 
     def _fence(self, machine_id: str, token: int | None) -> Fence:
-        from machine_memory.sql.base import NO_FENCE
-
         return NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
 
-    def _load(self, machine_id: str) -> tuple[Any, int] | None:
-        with self._statement() as (dialect, cursor):
-            return dialect.read(cursor, machine_id)
+    def _load(self, machine_id: str) -> Stored | None:
+        connection = self._connections[self.using]
+        with connection.wrap_database_errors:
+            return self.dialect.read(cursor_for(connection), machine_id)
 
     def _store(
         self,
         machine_id: str,
         text: str,
         expected_version: int | None,
-        meta: Metadata,
+        meta: Metadata | None,
         token: int | None,
     ) -> bool:
         fence = self._fence(machine_id, token)
-        with self._statement() as (dialect, cursor):
+        connection = self._connections[self.using]
+        with connection.wrap_database_errors:
+            cursor = cursor_for(connection)
             if expected_version is None:
-                return dialect.insert_state(cursor, machine_id, text, meta, fence)
-            return dialect.update_state(cursor, machine_id, text, expected_version, meta, fence)
+                assert meta is not None  # a new row always gets its metadata
+                return self.dialect.insert_state(cursor, machine_id, text, meta, fence)
+            return self.dialect.update_state(
+                cursor, machine_id, text, expected_version, meta, fence
+            )
 
     def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
         fence = self._fence(machine_id, token)
-        with self._statement() as (dialect, cursor):
-            return dialect.delete_state(cursor, machine_id, expected_version, fence)
+        connection = self._connections[self.using]
+        with connection.wrap_database_errors:
+            return self.dialect.delete_state(
+                cursor_for(connection), machine_id, expected_version, fence
+            )
 
     def _lock_lost(self, machine_id: str, token: int) -> bool:
         return self.locks.is_lost(machine_id, self.owner, token)

@@ -75,10 +75,9 @@ class SimpleMachineMemory(BaseMachineMemory):
         held = self.store.locks.get(machine_id)
         return held if held is not None and held.expires > time.monotonic() else None
 
-    def _load(self, machine_id: str) -> tuple[Any, int] | None:
+    def _load(self, machine_id: str) -> tuple[Any, int, Metadata] | None:
         with self.store.mutex:
-            row = self.store.states.get(machine_id)
-        return None if row is None else (row[0], row[1])
+            return self.store.states.get(machine_id)
 
     def _fenced_out(self, machine_id: str, token: int | None) -> bool:
         if token is None:
@@ -91,7 +90,7 @@ class SimpleMachineMemory(BaseMachineMemory):
         machine_id: str,
         text: str,
         expected_version: int | None,
-        meta: Metadata,
+        meta: Metadata | None,
         token: int | None,
     ) -> bool:
         with self.store.mutex:
@@ -99,13 +98,13 @@ class SimpleMachineMemory(BaseMachineMemory):
                 return False
             row = self.store.states.get(machine_id)
             if expected_version is None:
-                if row is not None:
+                if row is not None or meta is None:
                     return False
                 self.store.states[machine_id] = (text, 1, meta)
                 return True
             if row is None or row[1] != expected_version:
                 return False
-            self.store.states[machine_id] = (text, expected_version + 1, meta)
+            self.store.states[machine_id] = (text, expected_version + 1, meta or row[2])
             return True
 
     def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:

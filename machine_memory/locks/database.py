@@ -15,6 +15,7 @@ from machine_memory.exceptions import MachineMemoryError
 from machine_memory.locks.base import LockBackend, LockInfo
 from machine_memory.sql import dialect_for
 from machine_memory.sql.base import Fence
+from machine_memory.sql.cursor import cursor_for
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -29,6 +30,7 @@ class DatabaseLockBackend(LockBackend):
 
     def __init__(self, *, database: str) -> None:
         super().__init__(database=database)
+        self.dialect = dialect_for(connections[database])
         # Per thread, like Django's own connections: a second connection used only while the
         # caller's connection is inside transaction.atomic().
         self._local = threading.local()
@@ -43,7 +45,7 @@ class DatabaseLockBackend(LockBackend):
         connection = connections[self.database]
         if not connection.in_atomic_block:
             return connection
-        if not dialect_for(connection).side_connection_ok:
+        if not self.dialect.side_connection_ok:
             raise MachineMemoryError(
                 f"lock(), unlock() and extend() cannot run inside transaction.atomic() on "
                 f"{connection.vendor} database {self.database!r}: the lock would commit with "
@@ -58,22 +60,22 @@ class DatabaseLockBackend(LockBackend):
 
     def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
         connection = self.connection()
-        with connection.cursor() as cursor:
-            return dialect_for(connection).acquire(cursor, machine_id, owner, ttl)
+        with connection.wrap_database_errors:
+            return self.dialect.acquire(cursor_for(connection), machine_id, owner, ttl)
 
     def release(self, machine_id: str, owner: str) -> bool:
         connection = self.connection()
-        dialect = dialect_for(connection)
-        with connection.cursor() as cursor:
-            if dialect.release(cursor, machine_id, owner):
+        with connection.wrap_database_errors:
+            cursor = cursor_for(connection)
+            if self.dialect.release(cursor, machine_id, owner):
                 return True
             # Nothing of ours was live: fine unless someone else holds it now.
-            return not dialect.is_live(cursor, machine_id)
+            return not self.dialect.is_live(cursor, machine_id)
 
     def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
         connection = self.connection()
-        with connection.cursor() as cursor:
-            return dialect_for(connection).extend(cursor, machine_id, owner, token, ttl)
+        with connection.wrap_database_errors:
+            return self.dialect.extend(cursor_for(connection), machine_id, owner, token, ttl)
 
     def info(self, machine_id: str) -> LockInfo | None:
         from machine_memory.models import MachineLock
@@ -92,8 +94,8 @@ class DatabaseLockBackend(LockBackend):
 
     def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
         connection = connections[self.database]
-        with connection.cursor() as cursor:
-            return dialect_for(connection).lock_token(cursor, machine_id) != token
+        with connection.wrap_database_errors:
+            return self.dialect.lock_token(cursor_for(connection), machine_id) != token
 
     def recover(self) -> None:
         side = getattr(self._local, "connection", None)

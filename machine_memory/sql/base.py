@@ -2,8 +2,13 @@
 
 Each hot-path operation is one statement, and each race is decided inside it: an upsert
 that only takes an expired lock, an UPDATE whose WHERE carries the expected version and
-the fencing condition. Statements are written for Django cursors (``%s`` placeholders,
-``%%`` for a literal percent sign).
+the fencing condition.
+
+Statements run on the driver's own DB-API cursor (see ``machine_memory.sql.cursor``): on
+SQLite, Django's cursor wrapper costs more per statement than the statement itself. They
+are written once in Django's spelling (``%s`` placeholders, ``%%`` for a percent sign),
+turned into the driver's paramstyle by ``native()`` and cached, so the hot path builds no
+SQL.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable
+
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
-    from django.db.backends.utils import CursorWrapper
 
 STATE_TABLE = "machine_memory_state"
 LOCK_TABLE = "machine_memory_lock"
 
+# (execution_status, parent_id, initiator, source)
 Metadata = tuple[str | None, str | None, str | None, str | None]
+# A DB-API cursor of psycopg, mysqlclient or sqlite3.
+Cursor = Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +47,8 @@ class Fence:
 
 NO_FENCE = Fence()
 
+STATE_COLUMNS = "state, version, execution_status, parent_id, initiator, source"
+
 
 class Dialect:
     vendor = "standard"
@@ -49,6 +60,21 @@ class Dialect:
     # Whether locks taken inside the caller's transaction.atomic() may use a second
     # connection of their own (SQLite allows one writer, so the two would deadlock).
     side_connection_ok = True
+
+    def __init__(self) -> None:
+        self._statements: dict[Hashable, str] = {}
+
+    def native(self, sql: str) -> str:
+        """Django-spelled SQL in the driver's own paramstyle (psycopg and mysqlclient: same)."""
+        return sql
+
+    def statement(self, key: Hashable, build: Callable[[], str]) -> str:
+        """The native SQL for ``key``, built once."""
+        try:
+            return self._statements[key]
+        except KeyError:
+            sql = self._statements[key] = self.native(build())
+            return sql
 
     def id_collation(self, connection: BaseDatabaseWrapper) -> str | None:
         return None
@@ -80,32 +106,21 @@ class Dialect:
 
     # -- state -------------------------------------------------------------------------
 
-    def read(self, cursor: CursorWrapper, machine_id: str) -> tuple[Any, int] | None:
-        cursor.execute(
-            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = %s", [machine_id]
+    def read(self, cursor: Cursor, machine_id: str) -> tuple[Any, int, Metadata] | None:
+        """The stored document, its version and its metadata columns."""
+        sql = self.statement(
+            "read", lambda: f"SELECT {STATE_COLUMNS} FROM {STATE_TABLE} WHERE machine_id = %s"
         )
+        cursor.execute(sql, (machine_id,))
         row = cursor.fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2:6])
 
-    def state_version(self, cursor: CursorWrapper, machine_id: str) -> int | None:
-        cursor.execute(f"SELECT version FROM {STATE_TABLE} WHERE machine_id = %s", [machine_id])
-        row = cursor.fetchone()
-        return None if row is None else int(row[0])
-
-    def _lock_condition(self, fence: Fence, machine_id: str) -> tuple[str, list[Any]]:
+    def _lock_condition(self, fence: Fence) -> str:
         if fence.lock_token is None:
-            return "", []
+            return ""
         return (
-            f" AND EXISTS (SELECT 1 FROM {LOCK_TABLE} l WHERE l.machine_id = %s AND l.token = %s)",
-            [machine_id, fence.lock_token],
+            f" AND EXISTS (SELECT 1 FROM {LOCK_TABLE} l WHERE l.machine_id = %s AND l.token = %s)"
         )
-
-    def _row_conditions(self, fence: Fence, machine_id: str) -> tuple[str, list[Any]]:
-        sql, params = self._lock_condition(fence, machine_id)
-        if fence.fence_token is not None:
-            sql += " AND fence <= %s"
-            params.append(fence.fence_token)
-        return sql, params
 
     def insert_if_absent_sql(self, table: str, columns: str, select: str) -> str:
         """INSERT of a one-row ``select`` that quietly inserts nothing when the key exists.
@@ -115,97 +130,139 @@ class Dialect:
         return f"INSERT INTO {table} ({columns}) {select} ON CONFLICT (machine_id) DO NOTHING"
 
     def insert_state(
-        self,
-        cursor: CursorWrapper,
-        machine_id: str,
-        text: str,
-        meta: Metadata,
-        fence: Fence,
+        self, cursor: Cursor, machine_id: str, text: str, meta: Metadata, fence: Fence
     ) -> bool:
         # A new row has no fence to compare with; only the lock condition applies.
-        where, where_params = self._lock_condition(fence, machine_id)
-        now = self.now_sql
-        cursor.execute(
-            self.insert_if_absent_sql(
+        locked = fence.lock_token is not None
+
+        def build() -> str:
+            now = self.now_sql
+            return self.insert_if_absent_sql(
                 STATE_TABLE,
                 "machine_id, state, version, fence, execution_status, parent_id, initiator,"
                 " source, created_at, updated_at",
                 f"SELECT %s, {self.json_placeholder}, 1, %s, %s, %s, %s, %s, {now}, {now}"
-                f"{self.from_nothing} WHERE 1 = 1{where}",
-            ),
-            [machine_id, text, fence.fence_token or 0, *meta, *where_params],
-        )
+                f"{self.from_nothing} WHERE 1 = 1{self._lock_condition(fence)}",
+            )
+
+        params: tuple[Any, ...] = (machine_id, text, fence.fence_token or 0, *meta)
+        if locked:
+            params += (machine_id, fence.lock_token)
+        cursor.execute(self.statement(("insert", locked), build), params)
         return int(cursor.rowcount) == 1
 
     def update_state(
         self,
-        cursor: CursorWrapper,
+        cursor: Cursor,
         machine_id: str,
         text: str,
         expected_version: int,
-        meta: Metadata,
+        meta: Metadata | None,
         fence: Fence,
     ) -> bool:
-        where, where_params = self._row_conditions(fence, machine_id)
-        set_fence, fence_params = "", []
-        if fence.fence_token is not None:
-            set_fence, fence_params = ", fence = %s", [fence.fence_token]
-        cursor.execute(
-            f"UPDATE {STATE_TABLE} SET state = {self.json_placeholder},"
-            f" version = version + 1, updated_at = {self.now_sql}, execution_status = %s,"
-            f" parent_id = %s, initiator = %s, source = %s{set_fence}"
-            f" WHERE machine_id = %s AND version = %s{where}",
-            [text, *meta, *fence_params, machine_id, expected_version, *where_params],
-        )
+        """Compare-and-set; ``meta`` None leaves the metadata columns alone.
+
+        Setting an indexed column to its own value still costs index work (SQLite rewrites
+        every index whose column is in the SET list), so unchanged metadata is not set.
+        """
+        locked = fence.lock_token is not None
+        fenced = fence.fence_token is not None
+        with_meta = meta is not None
+
+        def build() -> str:
+            sets = (
+                f"state = {self.json_placeholder}, version = version + 1,"
+                f" updated_at = {self.now_sql}"
+            )
+            if with_meta:
+                sets += ", execution_status = %s, parent_id = %s, initiator = %s, source = %s"
+            if fenced:
+                sets += ", fence = %s"
+            where = "machine_id = %s AND version = %s" + self._lock_condition(fence)
+            if fenced:
+                where += " AND fence <= %s"
+            return f"UPDATE {STATE_TABLE} SET {sets} WHERE {where}"
+
+        params: tuple[Any, ...] = (text,)
+        if meta is not None:
+            params += meta
+        if fenced:
+            params += (fence.fence_token,)
+        params += (machine_id, expected_version)
+        if locked:
+            params += (machine_id, fence.lock_token)
+        if fenced:
+            params += (fence.fence_token,)
+        cursor.execute(self.statement(("update", locked, fenced, with_meta), build), params)
         return int(cursor.rowcount) == 1
 
     def delete_state(
-        self, cursor: CursorWrapper, machine_id: str, expected_version: int, fence: Fence
+        self, cursor: Cursor, machine_id: str, expected_version: int, fence: Fence
     ) -> bool:
-        where, where_params = self._row_conditions(fence, machine_id)
-        cursor.execute(
-            f"DELETE FROM {STATE_TABLE} WHERE machine_id = %s AND version = %s{where}",
-            [machine_id, expected_version, *where_params],
-        )
+        locked = fence.lock_token is not None
+        fenced = fence.fence_token is not None
+
+        def build() -> str:
+            where = "machine_id = %s AND version = %s" + self._lock_condition(fence)
+            if fenced:
+                where += " AND fence <= %s"
+            return f"DELETE FROM {STATE_TABLE} WHERE {where}"
+
+        params: tuple[Any, ...] = (machine_id, expected_version)
+        if locked:
+            params += (machine_id, fence.lock_token)
+        if fenced:
+            params += (fence.fence_token,)
+        cursor.execute(self.statement(("delete", locked, fenced), build), params)
         return int(cursor.rowcount) == 1
 
     # -- locks -------------------------------------------------------------------------
 
-    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
+    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
         """Take the lock if no live one exists; return the new fencing token, else None."""
         raise NotImplementedError
 
-    def release(self, cursor: CursorWrapper, machine_id: str, owner: str) -> bool:
+    def release(self, cursor: Cursor, machine_id: str, owner: str) -> bool:
         """Expire ``owner``'s live lock; True if there was one.
 
         The row stays, so the token history and "who had it last" survive the release.
         """
-        cursor.execute(
-            f"UPDATE {LOCK_TABLE} SET expires_at = {self.now_sql}"
-            f" WHERE machine_id = %s AND owner = %s AND expires_at > {self.now_sql}",
-            [machine_id, owner],
+        sql = self.statement(
+            "release",
+            lambda: (
+                f"UPDATE {LOCK_TABLE} SET expires_at = {self.now_sql}"
+                f" WHERE machine_id = %s AND owner = %s AND expires_at > {self.now_sql}"
+            ),
         )
+        cursor.execute(sql, (machine_id, owner))
         return int(cursor.rowcount) == 1
 
-    def extend(
-        self, cursor: CursorWrapper, machine_id: str, owner: str, token: int, ttl: float
-    ) -> bool:
-        cursor.execute(
-            f"UPDATE {LOCK_TABLE} SET expires_at = {self.expires_sql()}"
-            " WHERE machine_id = %s AND owner = %s AND token = %s"
-            f" AND expires_at > {self.now_sql}",
-            [self.ttl_param(ttl), machine_id, owner, token],
+    def extend(self, cursor: Cursor, machine_id: str, owner: str, token: int, ttl: float) -> bool:
+        sql = self.statement(
+            "extend",
+            lambda: (
+                f"UPDATE {LOCK_TABLE} SET expires_at = {self.expires_sql()}"
+                " WHERE machine_id = %s AND owner = %s AND token = %s"
+                f" AND expires_at > {self.now_sql}"
+            ),
         )
+        cursor.execute(sql, (self.ttl_param(ttl), machine_id, owner, token))
         return int(cursor.rowcount) == 1
 
-    def is_live(self, cursor: CursorWrapper, machine_id: str) -> bool:
-        cursor.execute(
-            f"SELECT 1 FROM {LOCK_TABLE} WHERE machine_id = %s AND expires_at > {self.now_sql}",
-            [machine_id],
+    def is_live(self, cursor: Cursor, machine_id: str) -> bool:
+        sql = self.statement(
+            "is_live",
+            lambda: (
+                f"SELECT 1 FROM {LOCK_TABLE} WHERE machine_id = %s AND expires_at > {self.now_sql}"
+            ),
         )
+        cursor.execute(sql, (machine_id,))
         return cursor.fetchone() is not None
 
-    def lock_token(self, cursor: CursorWrapper, machine_id: str) -> int | None:
-        cursor.execute(f"SELECT token FROM {LOCK_TABLE} WHERE machine_id = %s", [machine_id])
+    def lock_token(self, cursor: Cursor, machine_id: str) -> int | None:
+        sql = self.statement(
+            "lock_token", lambda: f"SELECT token FROM {LOCK_TABLE} WHERE machine_id = %s"
+        )
+        cursor.execute(sql, (machine_id,))
         row = cursor.fetchone()
         return None if row is None else int(row[0])

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
-    from django.db.backends.utils import CursorWrapper
+
+    from machine_memory.sql.base import Cursor
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 
@@ -84,34 +85,44 @@ class MySQLDialect(Dialect):
         # some data errors into warnings; every value here is validated beforehand.)
         return f"INSERT IGNORE INTO {table} ({columns}) {select}"
 
-    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
-        connection = cursor.db
-        if not getattr(connection, "mysql_is_mariadb", False):
+    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
+        if not self._is_mariadb(cursor):
             raise MachineMemoryError(
                 "Database locks on MySQL need sequences, which only MariaDB has; "
-                "use MariaDB or MACHINE_MEMORY['LOCK_BACKEND'] = 'redis'."
+                "use MariaDB or a Redis lock backend."
             )
         ttl_param = self.ttl_param(ttl)
         # LAST_INSERT_ID(expr) hands the new token back through the protocol's insert id
         # (cursor.lastrowid), which saves the SELECT that MariaDB's lack of UPDATE ...
         # RETURNING would otherwise cost.
-        cursor.execute(
-            f"UPDATE {LOCK_TABLE} SET owner = %s,"
-            f" token = LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
-            f" acquired_at = UTC_TIMESTAMP(6), expires_at = {self.expires_sql()}"
-            " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)",
-            [owner, ttl_param, machine_id],
+        takeover = self.statement(
+            "acquire",
+            lambda: (
+                f"UPDATE {LOCK_TABLE} SET owner = %s,"
+                f" token = LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+                f" acquired_at = UTC_TIMESTAMP(6), expires_at = {self.expires_sql()}"
+                " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)"
+            ),
         )
+        cursor.execute(takeover, (owner, ttl_param, machine_id))
         if cursor.rowcount == 1:
             return int(cursor.lastrowid)
         # No expired row to take over: either a live lock exists or this is the first use
         # of the id. INSERT IGNORE settles which without raising.
-        cursor.execute(
-            f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
-            f" expires_at) VALUES (%s, %s, LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
-            f" UTC_TIMESTAMP(6), {self.expires_sql()})",
-            [machine_id, owner, ttl_param],
+        first_use = self.statement(
+            "acquire-insert",
+            lambda: (
+                f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
+                f" expires_at) VALUES (%s, %s, LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+                f" UTC_TIMESTAMP(6), {self.expires_sql()})"
+            ),
         )
+        cursor.execute(first_use, (machine_id, owner, ttl_param))
         if cursor.rowcount == 1:
             return int(cursor.lastrowid)
         return None
+
+    @staticmethod
+    def _is_mariadb(cursor: Cursor) -> bool:
+        # The server version string arrives with the handshake: no round trip.
+        return "mariadb" in cursor.connection.get_server_info().lower()

@@ -8,7 +8,9 @@ from machine_memory.sql.base import LOCK_TABLE, Dialect
 
 if TYPE_CHECKING:
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
-    from django.db.backends.utils import CursorWrapper
+
+    from machine_memory.sql.base import Cursor
+
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 
@@ -40,20 +42,24 @@ class PostgreSQLDialect(Dialect):
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
         schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
-    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
+    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
         # One round trip: insert, or take over the row only if its lock has expired. The
         # WHERE of DO UPDATE is evaluated on the latest row version under its row lock, so
         # two racing takeovers cannot both win.
-        cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
-            f" VALUES (%s, %s, nextval('{TOKEN_SEQUENCE}'), statement_timestamp(),"
-            f" {self.expires_sql()})"
-            " ON CONFLICT (machine_id) DO UPDATE SET owner = EXCLUDED.owner,"
-            " token = EXCLUDED.token, acquired_at = EXCLUDED.acquired_at,"
-            " expires_at = EXCLUDED.expires_at"
-            " WHERE l.expires_at <= statement_timestamp()"
-            " RETURNING token",
-            [machine_id, owner, self.ttl_param(ttl)],
+        sql = self.statement(
+            "acquire",
+            lambda: (
+                f"INSERT INTO {LOCK_TABLE} AS l"
+                " (machine_id, owner, token, acquired_at, expires_at)"
+                f" VALUES (%s, %s, nextval('{TOKEN_SEQUENCE}'), statement_timestamp(),"
+                f" {self.expires_sql()})"
+                " ON CONFLICT (machine_id) DO UPDATE SET owner = EXCLUDED.owner,"
+                " token = EXCLUDED.token, acquired_at = EXCLUDED.acquired_at,"
+                " expires_at = EXCLUDED.expires_at"
+                " WHERE l.expires_at <= statement_timestamp()"
+                " RETURNING token"
+            ),
         )
+        cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
         row = cursor.fetchone()
         return None if row is None else int(row[0])

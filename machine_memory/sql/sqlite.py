@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from machine_memory.sql.base import LOCK_TABLE, Dialect
 
 if TYPE_CHECKING:
-    from django.db.backends.utils import CursorWrapper
+    from machine_memory.sql.base import Cursor
 
 
 class SQLiteDialect(Dialect):
@@ -19,27 +19,35 @@ class SQLiteDialect(Dialect):
     now_sql = "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')"
     side_connection_ok = False
 
+    def native(self, sql: str) -> str:
+        # sqlite3 uses qmark placeholders, and a literal % needs no escaping.
+        return sql.replace("%s", "?").replace("%%", "%")
+
     def expires_sql(self) -> str:
         return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)"
 
     def ttl_param(self, seconds: float) -> Any:
         return f"+{float(seconds):.3f} seconds"
 
-    def acquire(self, cursor: CursorWrapper, machine_id: str, owner: str, ttl: float) -> int | None:
+    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
         # SQLite has no sequences. Writers are serialised by the database lock, so "highest
         # token in the table + 1" is race-free here, and purging keeps the highest row
         # (MachineLockQuerySet.purgeable) so the high-water mark survives.
-        cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
-            f" VALUES (%s, %s, (SELECT COALESCE(MAX(token), 0) + 1 FROM {LOCK_TABLE}),"
-            f" {self.now_sql}, {self.expires_sql()})"
-            " ON CONFLICT (machine_id) DO UPDATE SET owner = excluded.owner,"
-            " token = excluded.token, acquired_at = excluded.acquired_at,"
-            " expires_at = excluded.expires_at"
-            f" WHERE l.expires_at <= {self.now_sql}"
-            " RETURNING token",
-            [machine_id, owner, self.ttl_param(ttl)],
+        sql = self.statement(
+            "acquire",
+            lambda: (
+                f"INSERT INTO {LOCK_TABLE} AS l"
+                " (machine_id, owner, token, acquired_at, expires_at)"
+                f" VALUES (%s, %s, (SELECT COALESCE(MAX(token), 0) + 1 FROM {LOCK_TABLE}),"
+                f" {self.now_sql}, {self.expires_sql()})"
+                " ON CONFLICT (machine_id) DO UPDATE SET owner = excluded.owner,"
+                " token = excluded.token, acquired_at = excluded.acquired_at,"
+                " expires_at = excluded.expires_at"
+                f" WHERE l.expires_at <= {self.now_sql}"
+                " RETURNING token"
+            ),
         )
+        cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
         # fetchall: the statement (and with it the autocommit) completes only once every
         # RETURNING row has been stepped through.
         rows = cursor.fetchall()
