@@ -60,6 +60,11 @@ VALUE_RULES: dict[str, tuple[str, Rule, str]] = {
     "MAX_STATE_BYTES": ("E010", lambda v: _count(v) and v > 0, "a positive int"),
     "CLEANUP": ("E011", lambda v: v in ("keep", "delete"), '"keep" or "delete"'),
     "REDIS_CACHE": ("E012", lambda v: isinstance(v, str) and bool(v), "a CACHES alias"),
+    "PREPARED_STATEMENTS": (
+        "E014",
+        lambda v: v is None or isinstance(v, bool),
+        "True, False or None",
+    ),
 }
 
 

@@ -21,6 +21,9 @@ DEFAULTS: dict[str, Any] = {
     "READ_BACKOFF": 0.1,
     "MAX_STATE_BYTES": 1_048_576,
     "CLEANUP": "keep",
+    # PostgreSQL: prepare the hot statements. None: yes, unless the alias sets
+    # DISABLE_SERVER_SIDE_CURSORS (Django's hint that a transaction-mode pooler is in use).
+    "PREPARED_STATEMENTS": None,
 }
 
 
@@ -74,6 +77,11 @@ class Settings:
     @property
     def CLEANUP(self) -> str:
         return str(self.get("CLEANUP"))
+
+    @property
+    def PREPARED_STATEMENTS(self) -> bool | None:
+        value = self.get("PREPARED_STATEMENTS")
+        return None if value is None else bool(value)
 
 
 conf = Settings()

@@ -81,7 +81,10 @@ class MachineState(models.Model):
         max_length=METADATA_LENGTHS["source"], null=True, blank=True, db_index=True
     )
     created_at = models.DateTimeField()
-    updated_at = models.DateTimeField(db_index=True)
+    # Not indexed: it changes on every write, and an index on it would cost every write an
+    # index update (SQLite rewrites it even for the same value). Age-based queries filter
+    # by execution_status first.
+    updated_at = models.DateTimeField()
 
     objects = MachineStateQuerySet.as_manager()
 
@@ -102,15 +105,19 @@ class MachineLockQuerySet(models.QuerySet["MachineLock"]):
         """Locks whose expiry has passed by the database's clock (released ones included)."""
         return self.filter(expires_at__lte=StorageNow())
 
-    def purgeable(self) -> MachineLockQuerySet:
-        """Expired locks that can be deleted without losing the fencing-token high-water mark.
+    def deletable(self) -> MachineLockQuerySet:
+        """These locks minus the row with the highest token, which must never be deleted.
 
-        On databases without sequences the next token is derived from the highest token in
-        the table, so the row that holds it is kept.
+        On databases without sequences (SQLite) the next token is derived from the highest
+        token in the table, so that row is the fencing-token high-water mark.
         """
         # Evaluated now: MySQL refuses a subquery on the table a DELETE targets.
         top = self.model.objects.using(self.db).aggregate(top=models.Max("token"))["top"]
-        return self.expired().exclude(token=top) if top is not None else self.none()
+        return self.exclude(token=top) if top is not None else self
+
+    def purgeable(self) -> MachineLockQuerySet:
+        """Expired locks that can be deleted (the high-water mark excepted)."""
+        return self.expired().deletable()
 
 
 class MachineLock(models.Model):

@@ -38,6 +38,7 @@ VALID = {
     "READ_BACKOFF": 0.1,
     "MAX_STATE_BYTES": 1_048_576,
     "CLEANUP": "keep",
+    "PREPARED_STATEMENTS": None,
 }
 
 
@@ -150,6 +151,11 @@ def test_e011_cleanup(value: Any) -> None:
 @pytest.mark.parametrize("value", ["", None, 1])
 def test_e012_redis_cache(value: Any) -> None:
     assert_reported(messages_for({"REDIS_CACHE": value}), "E012")
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0])
+def test_e014_prepared_statements(value: Any) -> None:
+    assert_reported(messages_for({"PREPARED_STATEMENTS": value}), "E014")
 
 
 @pytest.fixture

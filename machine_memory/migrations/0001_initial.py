@@ -70,7 +70,7 @@ class Migration(migrations.Migration):
                 ("initiator", models.CharField(blank=True, max_length=255, null=True)),
                 ("source", models.CharField(blank=True, db_index=True, max_length=255, null=True)),
                 ("created_at", models.DateTimeField()),
-                ("updated_at", models.DateTimeField(db_index=True)),
+                ("updated_at", models.DateTimeField()),
             ],
             options={
                 "verbose_name": "machine state",

@@ -47,6 +47,35 @@ class Fence:
 
 NO_FENCE = Fence()
 
+
+class RawCycle:
+    """The Arvo cycle hand-written on the bare driver: the benchmark's baseline.
+
+    What a user would write without this app, with the driver's defaults: the cheapest
+    correct statement for each of lock (upsert only if expired), read, write (insert, or
+    update only if the version is unchanged) and unlock (delete our own lock). No
+    validation, no fencing, no metadata. Each vendor module provides one.
+    """
+
+    def __init__(self, settings_params: dict[str, Any]) -> None:
+        self.params = settings_params
+
+    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def read(self, machine_id: str) -> tuple[str, int] | None:
+        raise NotImplementedError
+
+    def write(self, machine_id: str, text: str, version: int | None) -> bool:
+        raise NotImplementedError
+
+    def unlock(self, machine_id: str, owner: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
 STATE_COLUMNS = "state, version, execution_status, parent_id, initiator, source"
 
 
@@ -68,6 +97,10 @@ class Dialect:
         """Django-spelled SQL in the driver's own paramstyle (psycopg and mysqlclient: same)."""
         return sql
 
+    def new_cursor(self, connection: BaseDatabaseWrapper) -> Cursor:
+        """A DB-API cursor on Django's (connected) ``connection``, for the hot path."""
+        return connection.connection.cursor()
+
     def statement(self, key: Hashable, build: Callable[[], str]) -> str:
         """The native SQL for ``key``, built once."""
         try:
@@ -82,6 +115,14 @@ class Dialect:
     def check_settings(self, alias: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
         """System-check messages about a database configuration this vendor cannot use well."""
         return []
+
+    def raw_cycle(self, connection_params: dict[str, Any]) -> RawCycle:
+        """A RawCycle on a new driver connection made from Django's connection parameters."""
+        raise NotImplementedError
+
+    def fill(self, cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
+        """Insert filler rows (ids under ``prefix``) for the benchmark's scale runs."""
+        raise NotImplementedError
 
     def id_db_type(self, max_length: int | None) -> str | None:
         """Column type of machine ids; None for Django's usual CharField type."""

@@ -39,6 +39,8 @@ def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
     cached = getattr(connection, _ATTRIBUTE, None)
     if cached is not None and cached[0] is raw:
         return cached[1]
-    cursor = raw.cursor()
+    from machine_memory.sql import dialect_for
+
+    cursor = dialect_for(connection).new_cursor(connection)
     setattr(connection, _ATTRIBUTE, (raw, cursor))
     return cursor

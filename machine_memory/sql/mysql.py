@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from django.core.checks import Warning
 
 from machine_memory.exceptions import MachineMemoryError
-from machine_memory.sql.base import LOCK_TABLE, Dialect
+from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, RawCycle
 
 if TYPE_CHECKING:
     from django.core.checks import CheckMessage
@@ -22,6 +22,71 @@ if TYPE_CHECKING:
     from machine_memory.sql.base import Cursor
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
+
+
+class MySQLRawCycle(RawCycle):
+    def __init__(self, settings_params: dict[str, Any]) -> None:
+        import MySQLdb
+
+        super().__init__(settings_params)
+        params = dict(settings_params)
+        # Django's conversions and FOUND_ROWS flag; the baseline uses the driver's defaults
+        # (rowcount = rows changed, which these statements can use just as well).
+        params.pop("conv", None)
+        params.pop("client_flag", None)
+        self.connection = MySQLdb.connect(**params, autocommit=True)
+        self.cursor = self.connection.cursor()
+
+    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
+        micros = round(ttl * 1_000_000)
+        self.cursor.execute(
+            f"UPDATE {LOCK_TABLE} SET owner = %s, token = token + 1,"
+            " acquired_at = UTC_TIMESTAMP(6),"
+            " expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
+            " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)",
+            (owner, micros, machine_id),
+        )
+        if self.cursor.rowcount == 1:
+            return True
+        self.cursor.execute(
+            f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
+            " expires_at) VALUES (%s, %s, 1, UTC_TIMESTAMP(6),"
+            " UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)",
+            (machine_id, owner, micros),
+        )
+        return int(self.cursor.rowcount) == 1
+
+    def read(self, machine_id: str) -> tuple[str, int] | None:
+        self.cursor.execute(
+            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = %s", (machine_id,)
+        )
+        return self.cursor.fetchone()  # type: ignore[no-any-return]
+
+    def write(self, machine_id: str, text: str, version: int | None) -> bool:
+        if version is None:
+            self.cursor.execute(
+                f"INSERT IGNORE INTO {STATE_TABLE} (machine_id, state, version, fence,"
+                " created_at, updated_at)"
+                " VALUES (%s, %s, 1, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                (machine_id, text),
+            )
+        else:
+            self.cursor.execute(
+                f"UPDATE {STATE_TABLE} SET state = %s, version = version + 1,"
+                " updated_at = UTC_TIMESTAMP(6) WHERE machine_id = %s AND version = %s",
+                (text, machine_id, version),
+            )
+        return int(self.cursor.rowcount) == 1
+
+    def unlock(self, machine_id: str, owner: str) -> bool:
+        self.cursor.execute(
+            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
+            (machine_id, owner),
+        )
+        return int(self.cursor.rowcount) == 1
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 class MySQLDialect(Dialect):
@@ -49,6 +114,13 @@ class MySQLDialect(Dialect):
                 id="machine_memory.W002",
             )
         ]
+
+    def id_db_type(self, max_length: int | None) -> str | None:
+        # Django's mysql.W003 warns about unique varchar columns longer than 255 because
+        # old row formats capped index keys at 767 bytes. InnoDB's DYNAMIC row format (the
+        # default since MariaDB 10.2 and MySQL 5.7) allows 3072, and 512 utf8mb4
+        # characters take 2048. The warning keys on a lower-case "varchar" prefix.
+        return f"VARCHAR({max_length})"
 
     def id_collation(self, connection: BaseDatabaseWrapper) -> str | None:
         # Binary and NO PAD: ids differing only in case, accents or trailing spaces stay
@@ -79,6 +151,25 @@ class MySQLDialect(Dialect):
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
         if getattr(schema_editor.connection, "mysql_is_mariadb", False):
             schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
+
+    def raw_cycle(self, connection_params: dict[str, Any]) -> RawCycle:
+        return MySQLRawCycle(connection_params)
+
+    def fill(self, cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
+        # seq_1_to_N is a table of MariaDB's Sequence engine, made up on the fly.
+        cursor.execute(
+            f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
+            " created_at, updated_at) SELECT CONCAT(%s, seq), JSON_OBJECT('n', seq), 1, 0,"
+            f" 'done', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) FROM seq_1_to_{int(states)}",
+            (prefix,),
+        )
+        cursor.execute(
+            f"INSERT INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at, expires_at)"
+            f" SELECT CONCAT(%s, seq), 'filler', NEXTVAL({TOKEN_SEQUENCE}),"
+            " UTC_TIMESTAMP(6) - INTERVAL 2 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR"
+            f" FROM seq_1_to_{int(expired_locks)}",
+            (prefix,),
+        )
 
     def insert_if_absent_sql(self, table: str, columns: str, select: str) -> str:
         # INSERT IGNORE reports 0 rows for a duplicate key without raising. (It also turns

@@ -1,0 +1,273 @@
+"""The benchmark behind ``manage.py machine_memory_bench``.
+
+It runs the Arvo cycle (lock -> read -> write(new, prev) -> unlock) through
+``MachineMemory``, then the same four operations as hand-written statements on the bare
+driver (``Dialect.raw_cycle``) against the same database, and reports both side by side.
+Every id it touches starts with a prefix made for the run, and only rows under that prefix
+are ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from machine_memory.memory import MachineMemory
+    from machine_memory.sql.base import RawCycle
+
+OPERATIONS = ("lock", "read", "write", "unlock")
+
+
+class BenchError(Exception):
+    """The run itself went wrong (a denied lock without contention, a lost update)."""
+
+
+def new_prefix() -> str:
+    return f"machine-memory-bench/{uuid.uuid4().hex}/"
+
+
+def document(machine_id: str, counter: int) -> dict[str, Any]:
+    """A small Arvo-like state document (about 200 bytes as JSON)."""
+    return {
+        "subject": machine_id,
+        "executionStatus": "active",
+        "counter": counter,
+        "value": {"orderId": machine_id[-12:], "items": [1, 2, 3], "total": 12.5},
+        "events": ["com.order.created", "com.order.paid"],
+    }
+
+
+@dataclass
+class Timings:
+    """Nanoseconds per operation, over one run of cycles."""
+
+    samples: dict[str, list[int]] = field(default_factory=lambda: {op: [] for op in OPERATIONS})
+    cycles: int = 0
+    elapsed: float = 0.0
+    denials: int = 0
+    conflicts: int = 0
+    # Contention runs: successful increments per machine id.
+    increments: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def per_second(self) -> float:
+        return self.cycles / self.elapsed if self.elapsed else 0.0
+
+    def merge(self, other: Timings) -> None:
+        for op in OPERATIONS:
+            self.samples[op] += other.samples[op]
+        self.cycles += other.cycles
+        self.denials += other.denials
+        self.conflicts += other.conflicts
+        self.increments.update(other.increments)
+
+    def percentiles(self) -> dict[str, dict[str, float]]:
+        """p50/p99 per operation, in microseconds."""
+        result = {}
+        for op, values in self.samples.items():
+            if not values:
+                continue
+            ordered = sorted(values)
+            result[op] = {
+                "p50": ordered[len(ordered) // 2] / 1000,
+                "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
+            }
+        return result
+
+
+def memory_cycles(
+    memory: MachineMemory,
+    ids: list[str],
+    cycles: int,
+    progress: Callable[[int], None] | None = None,
+) -> Timings:
+    """The Arvo cycle through MachineMemory, each id in turn; every lock must succeed."""
+    timings = Timings()
+    lock, read, write, unlock = (timings.samples[op] for op in OPERATIONS)
+    clock = time.perf_counter_ns
+    started = time.perf_counter()
+    for number in range(cycles):
+        machine_id = ids[number % len(ids)]
+        t0 = clock()
+        if not memory.lock(machine_id):
+            raise BenchError(f"lock({machine_id!r}) was denied although no one else uses it")
+        t1 = clock()
+        state = memory.read(machine_id)
+        t2 = clock()
+        new = document(machine_id, 1 if state is None else state["counter"] + 1)
+        memory.write(machine_id, new, state)
+        t3 = clock()
+        memory.unlock(machine_id)
+        t4 = clock()
+        lock.append(t1 - t0)
+        read.append(t2 - t1)
+        write.append(t3 - t2)
+        unlock.append(t4 - t3)
+        if progress is not None and number % 256 == 0:
+            progress(number)
+    timings.elapsed = time.perf_counter() - started
+    timings.cycles = cycles
+    return timings
+
+
+def raw_cycles(
+    raw: RawCycle,
+    ids: list[str],
+    cycles: int,
+    progress: Callable[[int], None] | None = None,
+) -> Timings:
+    """The same cycle on the bare driver; JSON encoding and decoding included."""
+    timings = Timings()
+    lock, read, write, unlock = (timings.samples[op] for op in OPERATIONS)
+    clock = time.perf_counter_ns
+    owner = f"raw:{os.getpid()}"
+    dumps, loads = json.dumps, json.loads
+    started = time.perf_counter()
+    for number in range(cycles):
+        machine_id = ids[number % len(ids)]
+        t0 = clock()
+        if not raw.lock(machine_id, owner, 120.0):
+            raise BenchError(f"raw lock of {machine_id!r} was denied")
+        t1 = clock()
+        row = raw.read(machine_id)
+        state = None if row is None else loads(row[0])
+        t2 = clock()
+        new = document(machine_id, 1 if state is None else state["counter"] + 1)
+        if not raw.write(machine_id, dumps(new), None if row is None else row[1]):
+            raise BenchError(f"raw write of {machine_id!r} lost its compare-and-set")
+        t3 = clock()
+        raw.unlock(machine_id, owner)
+        t4 = clock()
+        lock.append(t1 - t0)
+        read.append(t2 - t1)
+        write.append(t3 - t2)
+        unlock.append(t4 - t3)
+        if progress is not None and number % 256 == 0:
+            progress(number)
+    timings.elapsed = time.perf_counter() - started
+    timings.cycles = cycles
+    return timings
+
+
+def contended_cycles(memory: MachineMemory, ids: list[str], cycles: int) -> Timings:
+    """Increment counters on shared ids until ``cycles`` increments succeeded."""
+    from machine_memory.exceptions import WriteConflict
+
+    timings = Timings()
+    clock = time.perf_counter_ns
+    started = time.perf_counter()
+    number = 0
+    while timings.cycles < cycles:
+        machine_id = ids[number % len(ids)]
+        number += 1
+        t0 = clock()
+        if not memory.lock(machine_id):
+            timings.denials += 1
+            continue
+        t1 = clock()
+        try:
+            state = memory.read(machine_id)
+            t2 = clock()
+            counter = 1 if state is None else state["counter"] + 1
+            memory.write(machine_id, document(machine_id, counter), state)
+            t3 = clock()
+        except WriteConflict:
+            timings.conflicts += 1
+            continue
+        finally:
+            unlock_started = clock()
+            memory.unlock(machine_id)
+            t4 = clock()
+        timings.samples["lock"].append(t1 - t0)
+        timings.samples["read"].append(t2 - t1)
+        timings.samples["write"].append(t3 - t2)
+        timings.samples["unlock"].append(t4 - unlock_started)
+        timings.increments[machine_id] += 1
+        timings.cycles += 1
+    timings.elapsed = time.perf_counter() - started
+    return timings
+
+
+def worker(job: dict[str, Any]) -> Timings:
+    """Entry point of a worker process (spawned): set Django up, run one kind of cycle."""
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    from machine_memory.memory import MachineMemory
+    from machine_memory.sql import dialect_for
+
+    alias = job["database"]
+    start = job["start"]
+    try:
+        if job["kind"] == "raw":
+            connection = connections[alias]
+            raw = dialect_for(connection).raw_cycle(connection.get_connection_params())
+            try:
+                start.wait()
+                return raw_cycles(raw, job["ids"], job["cycles"])
+            finally:
+                raw.close()
+        memory = MachineMemory(using=alias, lock_backend=job["lock_backend"])
+        connections[alias].ensure_connection()
+        start.wait()
+        if job["kind"] == "contention":
+            return contended_cycles(memory, job["ids"], job["cycles"])
+        return memory_cycles(memory, job["ids"], job["cycles"])
+    finally:
+        connections.close_all()
+
+
+def run_in_processes(jobs: list[dict[str, Any]]) -> Timings:
+    """Run one job per spawned process, started together; merge their timings."""
+    context = multiprocessing.get_context("spawn")
+    manager = context.Manager()
+    try:
+        start = manager.Barrier(len(jobs) + 1)
+        for job in jobs:
+            job["start"] = start
+        with context.Pool(len(jobs)) as pool:
+            pending = pool.map_async(worker, jobs)
+            start.wait(timeout=120)
+            started = time.perf_counter()
+            results = pending.get(timeout=3600)
+            elapsed = time.perf_counter() - started
+    finally:
+        manager.shutdown()
+    merged = Timings()
+    for result in results:
+        merged.merge(result)
+    merged.elapsed = elapsed
+    return merged
+
+
+def median_run(runs: list[Timings]) -> Timings:
+    """The run with the median throughput (so its percentiles belong to it)."""
+    ranked = sorted(runs, key=lambda run: run.per_second)
+    return ranked[len(ranked) // 2]
+
+
+def summary(runs: list[Timings]) -> dict[str, Any]:
+    chosen = median_run(runs)
+    return {
+        "cycles_per_second": round(chosen.per_second, 1),
+        "runs_cycles_per_second": [round(run.per_second, 1) for run in runs],
+        "median_of": len(runs),
+        "cycles": chosen.cycles,
+        "latency_us": {
+            op: {k: round(v, 1) for k, v in values.items()}
+            for op, values in chosen.percentiles().items()
+        },
+        "denials": chosen.denials,
+        "conflicts": chosen.conflicts,
+    }

@@ -1,0 +1,330 @@
+"""``manage.py machine_memory_bench``: the Arvo cycle through MachineMemory vs the bare driver."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections
+
+from machine_memory.bench import (
+    OPERATIONS,
+    BenchError,
+    Timings,
+    contended_cycles,
+    memory_cycles,
+    new_prefix,
+    raw_cycles,
+    run_in_processes,
+    summary,
+)
+from machine_memory.conf import conf
+from machine_memory.sql.cursor import cursor_for
+
+if TYPE_CHECKING:
+    from machine_memory.memory import MachineMemory
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+class Progress:
+    """A one-line progress bar on a terminal, for runs longer than a couple of seconds."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.started = time.monotonic()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        elapsed = time.monotonic() - self.started
+        if not self.enabled or elapsed < 2.0:
+            return
+        width = 30
+        filled = width * done // self.total
+        sys.stderr.write(
+            f"\r{self.label:<24} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 78 + "\r")
+            sys.stderr.flush()
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark the Arvo cycle (lock -> read -> write -> unlock) through MachineMemory "
+        "against the same statements on the bare database driver."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--database", default=None, help="Database alias (MACHINE_MEMORY).")
+        parser.add_argument("--lock-backend", default=None, help="Lock backend (MACHINE_MEMORY).")
+        parser.add_argument("--cycles", type=positive, default=5000, help="Cycles per run.")
+        parser.add_argument(
+            "--machines",
+            type=positive,
+            default=None,
+            help="Machine ids per worker (default 1000), or shared ids with --contention "
+            "(default 4).",
+        )
+        parser.add_argument("--workers", type=positive, default=1, help="Worker processes.")
+        parser.add_argument(
+            "--contention",
+            action="store_true",
+            help="All workers on the same few ids: throughput, denials, lost-update check.",
+        )
+        parser.add_argument("--runs", type=positive, default=3, help="Runs; the median counts.")
+        parser.add_argument("--no-raw", action="store_true", help="Skip the bare-driver runs.")
+        parser.add_argument(
+            "--fill-states", type=count, default=0, help="Filler state rows to add first."
+        )
+        parser.add_argument(
+            "--fill-expired-locks", type=count, default=0, help="Filler expired lock rows."
+        )
+        parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        logging.getLogger("machine_memory").setLevel(
+            {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}.get(
+                options["verbosity"], logging.DEBUG
+            )
+        )
+        alias = options["database"] or conf.DATABASE
+        if alias not in connections:
+            raise CommandError(f"Unknown database alias {alias!r}; see settings.DATABASES.")
+        from machine_memory.memory import MachineMemory
+        from machine_memory.models import MachineLock, MachineState
+
+        memory = MachineMemory(using=alias, lock_backend=options["lock_backend"])
+        prefix = new_prefix()
+        try:
+            if MachineState.objects.using(alias).filter(machine_id__startswith=prefix).exists():
+                raise CommandError(f"Rows under {prefix!r} exist already; refusing to touch them.")
+        except DatabaseError as exc:
+            raise CommandError(
+                f"Cannot read the machine memory tables on {alias!r} ({exc}); "
+                "run `manage.py migrate machine_memory` first."
+            ) from exc
+        try:
+            result = self.run(memory, prefix, options)
+        except BenchError as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            self.cleanup(alias, prefix, MachineState, MachineLock)
+            memory.close()
+        if options["json"]:
+            self.stdout.write(json.dumps(result, indent=2))
+        else:
+            self.report(result)
+        if result.get("lost_updates"):
+            raise CommandError(f"{result['lost_updates']} lost updates: the counts do not add up.")
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
+        alias = memory.using
+        connection = connections[alias]
+        contention = options["contention"]
+        workers = options["workers"]
+        machines = options["machines"] or (4 if contention else 1000)
+        cycles = options["cycles"]
+        result: dict[str, Any] = {
+            "database": alias,
+            "vendor": connection.vendor,
+            "lock_backend": type(memory.locks).__name__,
+            "cycles": cycles,
+            "workers": workers,
+            "machines": machines,
+            "contention": contention,
+        }
+        if options["fill_states"] or options["fill_expired_locks"]:
+            result["fill"] = self.fill(memory, prefix, options)
+        if contention:
+            result.update(self.contention(memory, prefix, options, machines))
+            return result
+        memory_runs: list[Timings] = []
+        raw_runs: list[Timings] = []
+        for run in range(options["runs"]):
+            ids = [f"{prefix}r{run}/w{w}/m{m}" for w in range(workers) for m in range(machines)]
+            memory_runs.append(self.cycle_run("MachineMemory", memory, ids, options))
+            if not options["no_raw"]:
+                raw_ids = [
+                    f"{prefix}raw{run}/w{w}/m{m}" for w in range(workers) for m in range(machines)
+                ]
+                raw_runs.append(self.cycle_run("raw driver", memory, raw_ids, options, raw=True))
+        result["memory"] = summary(memory_runs)
+        if raw_runs:
+            result["raw"] = summary(raw_runs)
+            result["ratio"] = round(
+                result["memory"]["cycles_per_second"] / result["raw"]["cycles_per_second"], 3
+            )
+        return result
+
+    @staticmethod
+    def ids(prefix: str, workers: int, machines: int) -> list[str]:
+        return [f"{prefix}/w{w}/m{m}" for w in range(workers) for m in range(machines)]
+
+    def cycle_run(
+        self,
+        label: str,
+        memory: MachineMemory,
+        ids: list[str],
+        options: dict[str, Any],
+        raw: bool = False,
+    ) -> Timings:
+        workers, cycles = options["workers"], options["cycles"]
+        if workers > 1:
+            per_worker = len(ids) // workers
+            return run_in_processes(
+                [
+                    {
+                        "kind": "raw" if raw else "memory",
+                        "database": memory.using,
+                        "lock_backend": options["lock_backend"],
+                        "ids": ids[w * per_worker : (w + 1) * per_worker],
+                        "cycles": cycles // workers,
+                    }
+                    for w in range(workers)
+                ]
+            )
+        progress = Progress(label, cycles, sys.stderr.isatty() and not options["json"])
+        try:
+            if raw:
+                connection = connections[memory.using]
+                cycle = memory.dialect.raw_cycle(connection.get_connection_params())
+                try:
+                    return raw_cycles(cycle, ids, cycles, progress)
+                finally:
+                    cycle.close()
+            return memory_cycles(memory, ids, cycles, progress)
+        finally:
+            progress.close()
+
+    def contention(
+        self, memory: MachineMemory, prefix: str, options: dict[str, Any], machines: int
+    ) -> dict[str, Any]:
+        from machine_memory.memory import MachineMemory
+
+        workers, cycles = options["workers"], options["cycles"]
+        runs = []
+        lost = 0
+        for run in range(options["runs"]):
+            ids = [f"{prefix}c{run}/m{m}" for m in range(machines)]
+            if workers > 1:
+                timings = run_in_processes(
+                    [
+                        {
+                            "kind": "contention",
+                            "database": memory.using,
+                            "lock_backend": options["lock_backend"],
+                            "ids": ids[w % machines :] + ids[: w % machines],
+                            "cycles": cycles // workers,
+                        }
+                        for w in range(workers)
+                    ]
+                )
+            else:
+                timings = contended_cycles(memory, ids, cycles)
+            checker = MachineMemory(using=memory.using, lock_backend=options["lock_backend"])
+            for machine_id in ids:
+                state = checker.read(machine_id)
+                stored = 0 if state is None else state["counter"]
+                lost += abs(timings.increments[machine_id] - stored)
+            runs.append(timings)
+        return {"memory": summary(runs), "lost_updates": lost}
+
+    def fill(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
+        connection = connections[memory.using]
+        started = time.perf_counter()
+        with connection.wrap_database_errors:
+            memory.dialect.fill(
+                cursor_for(connection),
+                f"{prefix}fill/",
+                options["fill_states"],
+                options["fill_expired_locks"],
+            )
+        seconds = time.perf_counter() - started
+        if not options["json"]:
+            self.stderr.write(
+                f"Filled {options['fill_states']} state rows and {options['fill_expired_locks']} "
+                f"expired lock rows in {seconds:.1f} s."
+            )
+        return {
+            "states": options["fill_states"],
+            "expired_locks": options["fill_expired_locks"],
+            "seconds": round(seconds, 1),
+        }
+
+    def cleanup(self, alias: str, prefix: str, state_model: Any, lock_model: Any) -> None:
+        # Only rows under this run's prefix; the lock row holding the highest token stays
+        # (the fencing-token high-water mark, see MachineLockQuerySet.deletable).
+        state_model.objects.using(alias).filter(machine_id__startswith=prefix).delete()
+        lock_model.objects.using(alias).filter(machine_id__startswith=prefix).deletable().delete()
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def report(self, result: dict[str, Any]) -> None:
+        connection = connections[result["database"]]
+        name = connection.settings_dict.get("NAME")
+        mode = "contention on shared ids" if result["contention"] else "distinct ids per worker"
+        self.stdout.write(
+            f"machine_memory_bench: {result['vendor']} {result['database']!r} ({name}), "
+            f"{result['lock_backend']}\n"
+            f"{result['cycles']} cycles per run, {result['workers']} worker(s), "
+            f"{result['machines']} machine ids, {mode}, "
+            f"median of {result['memory']['median_of']} runs"
+        )
+        if "fill" in result:
+            fill = result["fill"]
+            self.stdout.write(
+                f"tables filled first with {fill['states']} state rows and "
+                f"{fill['expired_locks']} expired lock rows"
+            )
+        header = f"{'':<16}{'cycles/s':>10}" + "".join(
+            f"{op + ' p50/p99 µs':>22}" for op in OPERATIONS
+        )
+        self.stdout.write("\n" + header)
+        rows: list[tuple[str, dict[str, Any]]] = [("MachineMemory", result["memory"])]
+        if "raw" in result:
+            rows.append((f"raw {result['vendor']}", result["raw"]))
+        for label, data in rows:
+            line = f"{label:<16}{data['cycles_per_second']:>10,.0f}"
+            for op in OPERATIONS:
+                latency = data["latency_us"].get(op)
+                cell = f"{latency['p50']:.0f} / {latency['p99']:.0f}" if latency else "-"
+                line += f"{cell:>22}"
+            self.stdout.write(line)
+        if "ratio" in result:
+            self.stdout.write(f"\nratio MachineMemory / raw: {result['ratio']:.2f}")
+        if result["contention"]:
+            data = result["memory"]
+            self.stdout.write(
+                f"\nlock denials {data['denials']}, write conflicts {data['conflicts']}, "
+                f"lost updates {result['lost_updates']}"
+            )
