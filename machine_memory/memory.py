@@ -568,6 +568,22 @@ class BaseMachineMemory(ABC):
         """Whether this instance acquired the lock on ``machine_id`` and has not released it."""
         return machine_id in self._held
 
+    def held_token(self, machine_id: str) -> int | None:
+        """The fencing token of the lock this instance holds on ``machine_id``, if any."""
+        return self._held.get(machine_id)
+
+    def adopt(self, machine_id: str, token: int) -> None:
+        """Carry on a lock that this owner acquired elsewhere (another request or process).
+
+        For a stateless front end (the REST API) that hands the owner and the fencing token
+        to its client: a new instance with the same ``owner`` that adopts the token writes
+        fenced, extends and unlocks exactly as the instance that called ``lock()`` would.
+        """
+        machine_id = validate_id(machine_id)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 1:
+            raise ValueError("token must be the positive fencing token that lock() issued.")
+        self._held[machine_id] = token
+
     @contextmanager
     def locked(
         self, machine_id: str, ttl: float | datetime.timedelta | None = None
