@@ -429,6 +429,26 @@ class MachineMemoryConformance:
         assert holder.read(machine_id) == {"a": 1}
         assert holder.unlock(machine_id)
 
+    def test_adopted_lock_behaves_like_the_original(self) -> None:
+        first, machine_id = self.make_memory(), self.new_id()
+        assert first.lock(machine_id, ttl=self.short_ttl)
+        token = first.held_token(machine_id)
+        assert token is not None
+        # Same owner, another "request": adopts the lock and its fencing token.
+        second = self.make_memory(owner=first.owner)
+        second.adopt(machine_id, token)
+        assert second.extend(machine_id, ttl=self.short_ttl)
+        second.write(machine_id, {"by": "second"}, None)
+        time.sleep(self.short_ttl + 0.1)
+        thief = self.make_memory()
+        assert thief.lock(machine_id)
+        with _raises(LockLost):
+            second.write(machine_id, {"by": "second again"}, second.read(machine_id))
+        assert second.unlock(machine_id) is False  # the thief holds it now
+        assert thief.unlock(machine_id)
+        with _raises(ValueError):
+            second.adopt(machine_id, 0)
+
     def test_fencing_tokens_increase_across_unlocks(self) -> None:
         first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
         tokens = []
