@@ -208,6 +208,9 @@ def worker(job: dict[str, Any]) -> Timings:
     from machine_memory.sql import dialect_for
 
     alias = job["database"]
+    # Connect to the database the parent uses, which need not be the one settings name: a
+    # test run's test database, or a name the settings compute differently per process.
+    connections[alias].settings_dict["NAME"] = job["name"]
     start = job["start"]
     try:
         if job["kind"] == "raw":
@@ -230,12 +233,15 @@ def worker(job: dict[str, Any]) -> Timings:
 
 def run_in_processes(jobs: list[dict[str, Any]]) -> Timings:
     """Run one job per spawned process, started together; merge their timings."""
+    from django.db import connections
+
     context = multiprocessing.get_context("spawn")
     manager = context.Manager()
     try:
         start = manager.Barrier(len(jobs) + 1)
         for job in jobs:
             job["start"] = start
+            job["name"] = connections[job["database"]].settings_dict["NAME"]
         with context.Pool(len(jobs)) as pool:
             pending = pool.map_async(worker, jobs)
             start.wait(timeout=120)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from django.db import models
+from django.db import connections, models
 from django.db.models.expressions import Func
 
 from machine_memory.sql import dialect_for
@@ -106,12 +106,13 @@ class MachineLockQuerySet(models.QuerySet["MachineLock"]):
         return self.filter(expires_at__lte=StorageNow())
 
     def deletable(self) -> MachineLockQuerySet:
-        """These locks minus the row with the highest token, which must never be deleted.
+        """These locks, minus the one row that must never be deleted, if there is one.
 
         On databases without sequences (SQLite) the next token is derived from the highest
         token in the table, so that row is the fencing-token high-water mark.
         """
-        # Evaluated now: MySQL refuses a subquery on the table a DELETE targets.
+        if not dialect_for(connections[self.db]).token_high_water_row:
+            return self
         top = self.model.objects.using(self.db).aggregate(top=models.Max("token"))["top"]
         return self.exclude(token=top) if top is not None else self
 

@@ -89,6 +89,9 @@ class Dialect:
     # Whether locks taken inside the caller's transaction.atomic() may use a second
     # connection of their own (SQLite allows one writer, so the two would deadlock).
     side_connection_ok = True
+    # Whether the next fencing token is derived from the highest one in the lock table (no
+    # sequences), so the row holding it must never be deleted.
+    token_high_water_row = False
 
     def __init__(self) -> None:
         self._statements: dict[Hashable, str] = {}
@@ -277,6 +280,27 @@ class Dialect:
         )
         cursor.execute(sql, (machine_id, owner))
         return int(cursor.rowcount) == 1
+
+    def force_release(self, cursor: Cursor, machine_id: str) -> tuple[Any, ...] | None:
+        """Expire the live lock whoever holds it; return (owner, token, acquired_at, expires_at).
+
+        For operators. ``expires_at`` is the moment of release; the times come as the driver
+        returns them (``DatabaseLockBackend`` converts them as Django would). The row stays,
+        like after ``release``, so the token history survives.
+        """
+        sql = self.statement(
+            "force_release",
+            lambda: (
+                f"UPDATE {LOCK_TABLE} SET expires_at = {self.now_sql}"
+                f" WHERE machine_id = %s AND expires_at > {self.now_sql}"
+                " RETURNING owner, token, acquired_at, expires_at"
+            ),
+        )
+        cursor.execute(sql, (machine_id,))
+        # fetchall: on SQLite the statement completes (and commits) only once every
+        # RETURNING row has been stepped through.
+        rows = cursor.fetchall()
+        return tuple(rows[0]) if rows else None
 
     def extend(self, cursor: Cursor, machine_id: str, owner: str, token: int, ttl: float) -> bool:
         sql = self.statement(

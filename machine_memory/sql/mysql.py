@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from django.core.checks import Warning
+from django.db import OperationalError
 
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, RawCycle
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from machine_memory.sql.base import Cursor
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
+# force_release: reads of a lock that keeps changing hands before giving up.
+FORCE_RELEASE_ATTEMPTS = 5
 
 
 class MySQLRawCycle(RawCycle):
@@ -212,6 +215,38 @@ class MySQLDialect(Dialect):
         if cursor.rowcount == 1:
             return int(cursor.lastrowid)
         return None
+
+    def force_release(self, cursor: Cursor, machine_id: str) -> tuple[Any, ...] | None:
+        # No UPDATE ... RETURNING here: read the live lock, then expire it only if it is
+        # still that holder's (owner and token), so a lock that changed hands in between is
+        # never reported as the one released. A changed lock is read again.
+        read = self.statement(
+            "force_release-read",
+            lambda: (
+                f"SELECT owner, token, acquired_at, UTC_TIMESTAMP(6) FROM {LOCK_TABLE}"
+                " WHERE machine_id = %s AND expires_at > UTC_TIMESTAMP(6)"
+            ),
+        )
+        expire = self.statement(
+            "force_release",
+            lambda: (
+                f"UPDATE {LOCK_TABLE} SET expires_at = %s WHERE machine_id = %s"
+                " AND owner = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)"
+            ),
+        )
+        for _ in range(FORCE_RELEASE_ATTEMPTS):
+            cursor.execute(read, (machine_id,))
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            owner, token, acquired_at, now = row
+            cursor.execute(expire, (now, machine_id, owner, token))
+            if cursor.rowcount == 1:
+                return (owner, token, acquired_at, now)
+        raise OperationalError(
+            f"The lock on {machine_id!r} changed hands {FORCE_RELEASE_ATTEMPTS} times while "
+            "it was being released; try again."
+        )
 
     @staticmethod
     def _is_mariadb(cursor: Cursor) -> bool:

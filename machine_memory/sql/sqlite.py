@@ -79,6 +79,7 @@ class SQLiteDialect(Dialect):
     vendor = "sqlite"
     now_sql = "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')"
     side_connection_ok = False
+    token_high_water_row = True
 
     def native(self, sql: str) -> str:
         # sqlite3 uses qmark placeholders, and a literal % needs no escaping.
@@ -88,7 +89,8 @@ class SQLiteDialect(Dialect):
         return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', %s)"
 
     def ttl_param(self, seconds: float) -> Any:
-        return f"+{float(seconds):.3f} seconds"
+        # Signed: models.StorageTime uses negative offsets for "this long ago".
+        return f"{float(seconds):+.3f} seconds"
 
     def raw_cycle(self, connection_params: dict[str, Any]) -> RawCycle:
         return SQLiteRawCycle(connection_params)

@@ -124,6 +124,11 @@ class Command(BaseCommand):
         memory = MachineMemory(using=alias, lock_backend=options["lock_backend"])
         prefix = new_prefix()
         try:
+            connections[alias].ensure_connection()
+        except DatabaseError as exc:
+            # Not a missing migration: advising one would send the user the wrong way.
+            raise CommandError(f"Cannot connect to database {alias!r}: {exc}") from exc
+        try:
             if MachineState.objects.using(alias).filter(machine_id__startswith=prefix).exists():
                 raise CommandError(f"Rows under {prefix!r} exist already; refusing to touch them.")
         except DatabaseError as exc:
@@ -171,12 +176,10 @@ class Command(BaseCommand):
         memory_runs: list[Timings] = []
         raw_runs: list[Timings] = []
         for run in range(options["runs"]):
-            ids = [f"{prefix}r{run}/w{w}/m{m}" for w in range(workers) for m in range(machines)]
+            ids = self.ids(f"{prefix}r{run}", workers, machines)
             memory_runs.append(self.cycle_run("MachineMemory", memory, ids, options))
             if not options["no_raw"]:
-                raw_ids = [
-                    f"{prefix}raw{run}/w{w}/m{m}" for w in range(workers) for m in range(machines)
-                ]
+                raw_ids = self.ids(f"{prefix}raw{run}", workers, machines)
                 raw_runs.append(self.cycle_run("raw driver", memory, raw_ids, options, raw=True))
         result["memory"] = summary(memory_runs)
         if raw_runs:

@@ -1,0 +1,247 @@
+"""``manage.py machine_memory_bench`` on every database: output, clean-up, workers, bad input.
+
+Small numbers only: these tests prove the command works and leaves nothing behind, never
+how fast anything is (no timing assertions, SPEC §5 and issue 3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from io import StringIO
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connections
+from django.db.models import Max
+
+from machine_memory import MachineMemory
+from machine_memory.bench import OPERATIONS
+from machine_memory.models import MachineLock, MachineState
+from machine_memory.sql import dialect_for
+from tests.support import new_id
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+BENCH_PREFIX = "machine-memory-bench/"
+SMALL = ("--cycles", "60", "--machines", "10", "--runs", "1")
+
+
+def bench(alias: str, *args: str) -> tuple[str, str]:
+    """Run the command on ``alias``; its stdout and stderr."""
+    out, err = StringIO(), StringIO()
+    call_command("machine_memory_bench", "--database", alias, *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def bench_json(alias: str, *args: str) -> dict[str, Any]:
+    out, err = bench(alias, *args, "--json")
+    assert err == ""  # nothing but the JSON document, on stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def assert_table(out: str, vendor: str) -> None:
+    """Both rows (a label, cycles/s, then p50 / p99 in µs per operation) and the ratio."""
+    cells = r"\s+[\d,]+" + r"\s+\d+ / \d+" * len(OPERATIONS) + "$"
+    assert re.search("^MachineMemory" + cells, out, re.MULTILINE), out
+    assert re.search(f"^raw {vendor}" + cells, out, re.MULTILINE), out
+    assert re.search(r"^ratio MachineMemory / raw: \d+\.\d\d$", out, re.MULTILINE), out
+
+
+def bench_lock_rows(alias: str) -> dict[str, tuple[int, str]]:
+    """Lock rows under the bench's prefix: id -> (token, owner)."""
+    rows = MachineLock.objects.using(alias).filter(machine_id__startswith=BENCH_PREFIX)
+    return {row.machine_id: (row.token, row.owner) for row in rows}
+
+
+@pytest.fixture
+def left_behind(alias: str) -> Iterator[None]:
+    """After the test's one bench run: what the clean-up guarantees, checked precisely.
+
+    Every state row under the bench's prefix is gone. Of the lock rows a run made, none
+    stays where tokens come from a sequence; on SQLite only the one holding the highest
+    token in the table stays: the fencing-token high-water mark
+    (``MachineLockQuerySet.deletable``), released. Nothing else takes locks in this test
+    database meanwhile, so the run's last token is the table's highest and exactly one row
+    stays — which also shows that worker processes locked in this database and no other.
+    Each earlier run left its own such row; those are left alone.
+    """
+    before = bench_lock_rows(alias)
+    yield
+    assert not MachineState.objects.using(alias).filter(machine_id__startswith=BENCH_PREFIX)
+    after = bench_lock_rows(alias)
+    assert {key: after[key] for key in before} == before
+    new = set(after) - set(before)
+    if not dialect_for(connections[alias]).token_high_water_row:
+        assert not new, sorted(new)  # tokens come from a sequence: nothing needs keeping
+        return
+    assert len(new) == 1, sorted(new)
+    kept = MachineLock.objects.using(alias).get(machine_id=new.pop())
+    assert kept.token == MachineLock.objects.using(alias).aggregate(top=Max("token"))["top"]
+    assert not MachineLock.objects.using(alias).live().filter(pk=kept.pk).exists()
+
+
+def assert_latencies(data: dict[str, Any]) -> None:
+    assert data["cycles_per_second"] > 0
+    assert set(data["latency_us"]) == set(OPERATIONS)
+    for values in data["latency_us"].values():
+        assert set(values) == {"p50", "p99"}
+        assert 0 <= values["p50"] <= values["p99"]
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_text_output_has_both_rows_and_the_ratio(alias: str) -> None:
+    out, _ = bench(alias, *SMALL)
+    vendor = connections[alias].vendor
+    assert f"machine_memory_bench: {vendor} {alias!r}" in out
+    assert "60 cycles per run, 1 worker(s), 10 machine ids, distinct ids per worker" in out
+    assert_table(out, vendor)
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_json_output(alias: str) -> None:
+    result = bench_json(alias, *SMALL)
+    assert result["database"] == alias
+    assert result["vendor"] == connections[alias].vendor
+    assert (result["cycles"], result["machines"], result["workers"]) == (60, 10, 1)
+    assert result["contention"] is False
+    for kind in ("memory", "raw"):
+        assert_latencies(result[kind])
+        assert result[kind]["cycles"] == 60
+        assert result[kind]["median_of"] == 1
+        assert result[kind]["denials"] == result[kind]["conflicts"] == 0
+    assert result["ratio"] > 0
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_other_rows_are_untouched(alias: str) -> None:
+    memory = MachineMemory(using=alias)
+    ids = [new_id("bench-neighbour") for _ in range(3)]
+    for number, machine_id in enumerate(ids):
+        assert memory.lock(machine_id)
+        memory.write(machine_id, {"n": number}, None)
+        if number:  # one of them stays locked through the run
+            assert memory.unlock(machine_id)
+    states = {
+        row.machine_id: (row.state, row.version, row.updated_at)
+        for row in MachineState.objects.using(alias).filter(machine_id__in=ids)
+    }
+    locks = {
+        row.machine_id: (row.owner, row.token, row.expires_at)
+        for row in MachineLock.objects.using(alias).filter(machine_id__in=ids)
+    }
+    assert len(states) == len(locks) == 3
+
+    bench(alias, *SMALL)
+
+    assert {
+        row.machine_id: (row.state, row.version, row.updated_at)
+        for row in MachineState.objects.using(alias).filter(machine_id__in=ids)
+    } == states
+    assert {
+        row.machine_id: (row.owner, row.token, row.expires_at)
+        for row in MachineLock.objects.using(alias).filter(machine_id__in=ids)
+    } == locks
+    assert memory.lock_info(ids[0]) is not None
+    assert memory.unlock(ids[0])
+    memory.close()
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_contention_in_worker_processes(alias: str) -> None:
+    result = bench_json(
+        alias, "--contention", "--workers", "2", "--cycles", "40", "--machines", "2", "--runs", "1"
+    )
+    assert result["contention"] is True
+    assert result["workers"] == 2
+    assert result["lost_updates"] == 0
+    assert "raw" not in result
+    data = result["memory"]
+    assert data["cycles"] == 40  # 20 successful increments per worker
+    assert data["denials"] >= 0
+    assert data["conflicts"] == 0  # every write was made under the lock
+    assert_latencies(data)
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_contention_text_output(alias: str) -> None:
+    out, _ = bench(alias, "--contention", "--cycles", "20", "--machines", "2", "--runs", "1")
+    assert "contention on shared ids" in out
+    assert "lost updates 0" in out
+
+
+WORKERS = ("--workers", "2", "--cycles", "40", "--machines", "5", "--runs", "1")
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_worker_processes_without_contention(alias: str) -> None:
+    result = bench_json(alias, *WORKERS)
+    assert result["workers"] == 2
+    for kind in ("memory", "raw"):
+        assert_latencies(result[kind])
+        assert result[kind]["cycles"] == 40  # 20 per worker
+    assert result["ratio"] > 0
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_worker_processes_text_output(alias: str) -> None:
+    out, _ = bench(alias, *WORKERS)
+    assert "40 cycles per run, 2 worker(s), 5 machine ids, distinct ids per worker" in out
+    assert_table(out, connections[alias].vendor)
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_fill_text_output(alias: str) -> None:
+    out, err = bench(alias, *SMALL, "--fill-states", "20", "--fill-expired-locks", "5")
+    assert "Filled 20 state rows and 5 expired lock rows" in err
+    assert "tables filled first with 20 state rows and 5 expired lock rows" in out
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_fill_rows_are_cleaned_up(alias: str) -> None:
+    result = bench_json(alias, *SMALL, "--fill-states", "2000", "--fill-expired-locks", "500")
+    assert result["fill"]["states"] == 2000
+    assert result["fill"]["expired_locks"] == 500
+    assert_latencies(result["memory"])
+
+
+def test_unknown_database(db_access: None) -> None:
+    with pytest.raises(CommandError, match="Unknown database alias 'nowhere'"):
+        call_command("machine_memory_bench", "--database", "nowhere", stdout=StringIO())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--cycles", "0"), "argument --cycles: 0 must be at least 1"),
+        (("--workers", "-1"), "argument --workers: -1 must be at least 1"),
+        (("--runs", "two"), "argument --runs: 'two' is not a whole number"),
+        (("--fill-states", "-5"), "argument --fill-states: -5 must not be negative"),
+    ],
+)
+def test_bad_arguments(db_access: None, args: tuple[str, ...], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("machine_memory_bench", *args, stdout=StringIO(), stderr=StringIO())
+
+
+def test_missing_tables(db_access: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real database without the app's tables: an empty SQLite file.
+    connection = connections["sqlite_down"]
+    connection.close()
+    monkeypatch.setitem(connection.settings_dict, "NAME", str(tmp_path / "empty.sqlite3"))
+    try:
+        with pytest.raises(CommandError, match=r"run `manage\.py migrate machine_memory` first"):
+            call_command("machine_memory_bench", "--database", "sqlite_down", stdout=StringIO())
+    finally:
+        connection.close()
+
+
+def test_unreachable_database(db_access: None) -> None:
+    # A server that does not answer is not a missing migration.
+    with pytest.raises(CommandError, match="Cannot connect to database 'postgres_down'") as caught:
+        call_command("machine_memory_bench", "--database", "postgres_down", stdout=StringIO())
+    assert "migrate" not in str(caught.value)
