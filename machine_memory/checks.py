@@ -12,6 +12,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.utils.module_loading import import_string
 
 from machine_memory.conf import DEFAULTS, conf
 
@@ -65,6 +66,7 @@ VALUE_RULES: dict[str, tuple[str, Rule, str]] = {
         lambda v: v is None or isinstance(v, bool),
         "True, False or None",
     ),
+    "ADMIN_READONLY": ("E016", lambda v: isinstance(v, bool), "True or False"),
 }
 
 
@@ -97,6 +99,7 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                     id=f"machine_memory.{check_id}",
                 )
             )
+    messages += _check_api_permission_classes(raw)
     if any(message.id == "machine_memory.E003" for message in messages):
         return messages
     messages += _check_database(conf.DATABASE)
@@ -145,6 +148,46 @@ def _check_lock_backend(raw: dict[str, Any]) -> list[CheckMessage]:
             )
         ]
     return cls.check(conf.DATABASE)
+
+
+def _api_permission_problem(path: Any) -> str | None:
+    """What is wrong with one entry of API_PERMISSION_CLASSES, or None."""
+    if not isinstance(path, str) or not path:
+        return f"has {path!r}, which is not a dotted path"
+    try:
+        from rest_framework.permissions import BasePermission, OperationHolderMixin
+    except ImportError:
+        return 'needs Django REST framework: pip install "django-machine-memory[drf]"'
+    try:
+        permission = import_string(path)
+    except ImportError as exc:
+        return f"has {path!r}, which cannot be imported: {exc}"
+    # A class, or a composition such as IsAuthenticated & IsAdminUser assigned to a name.
+    if isinstance(permission, OperationHolderMixin) or (
+        isinstance(permission, type) and issubclass(permission, BasePermission)
+    ):
+        return None
+    return f"has {path!r}, which is not a REST framework permission class"
+
+
+def _check_api_permission_classes(raw: dict[str, Any]) -> list[CheckMessage]:
+    value = raw.get("API_PERMISSION_CLASSES")
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple) or not value:
+        problems = [f"is {value!r}, not a non-empty list of dotted paths"]
+    else:
+        problems = [problem for path in value if (problem := _api_permission_problem(path))]
+    return [
+        Error(
+            f"MACHINE_MEMORY['API_PERMISSION_CLASSES'] {problem}.",
+            hint="Set it to dotted paths of REST framework permission classes, such as "
+            '["rest_framework.permissions.IsAuthenticated"] (AllowAny to open the API on '
+            "purpose), or remove it: None means staff users only.",
+            id="machine_memory.E015",
+        )
+        for problem in dict.fromkeys(problems)
+    ]
 
 
 def _check_lock_window(raw: dict[str, Any]) -> list[CheckMessage]:

@@ -24,6 +24,10 @@ DEFAULTS: dict[str, Any] = {
     # PostgreSQL: prepare the hot statements. None: yes, unless the alias sets
     # DISABLE_SERVER_SIDE_CURSORS (Django's hint that a transaction-mode pooler is in use).
     "PREPARED_STATEMENTS": None,
+    # The REST API's permission classes, as dotted paths. None: staff users only.
+    "API_PERMISSION_CLASSES": None,
+    # The admin shows states and locks but has no add or change form for them.
+    "ADMIN_READONLY": True,
 }
 
 
@@ -82,6 +86,15 @@ class Settings:
     def PREPARED_STATEMENTS(self) -> bool | None:
         value = self.get("PREPARED_STATEMENTS")
         return None if value is None else bool(value)
+
+    @property
+    def API_PERMISSION_CLASSES(self) -> list[str] | None:
+        value = self.get("API_PERMISSION_CLASSES")
+        return None if value is None else [str(path) for path in value]
+
+    @property
+    def ADMIN_READONLY(self) -> bool:
+        return bool(self.get("ADMIN_READONLY"))
 
 
 conf = Settings()

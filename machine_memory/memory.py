@@ -188,6 +188,10 @@ class BaseMachineMemory(ABC):
     @abstractmethod
     def _lock_info(self, machine_id: str) -> LockInfo | None: ...
 
+    def _force_release(self, machine_id: str) -> LockInfo | None:
+        """Expire the live lock whoever holds it; the lock as it was, or None."""
+        raise NotImplementedError(f"{type(self).__name__} cannot force-release locks.")
+
     # Lock storage errors: mapped to LockError (lock, extend) or False (unlock).
     def _lock_errors(self) -> tuple[type[BaseException], ...]:
         return self.storage_errors
@@ -369,18 +373,22 @@ class BaseMachineMemory(ABC):
 
     def _raise_rejected(self, machine_id: str, expected: int | None, token: int | None) -> None:
         try:
+            actual = self._current_version(machine_id)
             # The token stays in _held: until this instance unlocks, every later write to the
-            # id must keep failing, not slip through as an unfenced write.
-            if token is not None and self._lock_lost(machine_id, token):
+            # id must keep failing, not slip through as an unfenced write. An update refused
+            # although the version still matched was refused by its fence: a higher token
+            # has written the row (with Redis locks, also when Redis has since forgotten
+            # that takeover, as after a failover).
+            fenced_out = expected is not None and actual == expected
+            if token is not None and (fenced_out or self._lock_lost(machine_id, token)):
                 raise LockLost(
                     machine_id,
                     expected,
-                    self._current_version(machine_id),
+                    actual,
                     f"Machine {machine_id!r}: this worker's lock (token {token}) was taken "
                     "over by another owner; nothing was written. Drop the event; it will be "
                     "redelivered.",
                 )
-            actual = self._current_version(machine_id)
         except (*self.storage_errors, *self._lock_errors()) as exc:
             raise WriteError(f"Writing machine {machine_id!r} was rejected: {exc}") from exc
         if expected is None and actual is None:
@@ -401,6 +409,16 @@ class BaseMachineMemory(ABC):
     def _current_version(self, machine_id: str) -> int | None:
         row = self._load(machine_id)
         return None if row is None else row[1]
+
+    def version_of(self, machine_id: str, data: object) -> int | None:
+        """The stored version of ``data``, an object ``read()`` returned or ``write()`` stored.
+
+        None for any other object. For front ends that expose versions (the REST API's
+        ETags): the version comes from the same statement as the content, so a
+        compare-and-set against it can never pass for content read at another version.
+        """
+        seen = self._seen_version(validate_id(machine_id), data)
+        return None if seen is None else seen[0]
 
     async def awrite(
         self,
@@ -564,6 +582,21 @@ class BaseMachineMemory(ABC):
     async def alock_info(self, machine_id: str) -> LockInfo | None:
         return await sync_to_async(self.lock_info)(machine_id)
 
+    def force_unlock(self, machine_id: str) -> LockInfo | None:
+        """Release the live lock on ``machine_id`` whoever holds it: an operator's tool.
+
+        Returns the lock that was released (``expires_at`` is the moment of release), or
+        None when none was live. As after an expiry, the holder's ``extend()`` returns
+        False, and its writes fail with ``LockLost`` once another owner has taken the lock.
+        Raises ``LockError`` when the lock storage fails.
+        """
+        machine_id = validate_id(machine_id)
+        try:
+            return self._reconnecting(self._force_release, machine_id)
+        except self._lock_errors() as exc:
+            self._recover()
+            raise LockError(f"Force-releasing the lock on {machine_id!r} failed: {exc}") from exc
+
     def holds(self, machine_id: str) -> bool:
         """Whether this instance acquired the lock on ``machine_id`` and has not released it."""
         return machine_id in self._held
@@ -648,6 +681,21 @@ class BaseMachineMemory(ABC):
             raise WriteError(f"Deleting machine {machine_id!r} failed: {exc}") from exc
         self._raise_rejected(machine_id, expected, token)
 
+    def delete(self, machine_id: str, prev_data: dict[str, Any] | None = None) -> None:
+        """Delete the state if it is still the one ``prev_data`` was read from.
+
+        ``prev_data`` None: whatever version is stored. Nothing stored: nothing to do.
+        Fenced like ``write`` (``LockLost``); a stale ``prev_data`` raises ``WriteConflict``
+        and deletes nothing. Unlike ``cleanup`` it leaves locks alone.
+        """
+        machine_id = validate_id(machine_id)
+        if prev_data is not None and not isinstance(prev_data, dict):
+            raise InvalidState(
+                "prev_data must be the dict read() returned (or an equal dict), or None; "
+                f"got {type(prev_data).__name__}."
+            )
+        self._delete_state(machine_id, prev_data)
+
     async def acleanup(
         self,
         machine_id: str,
@@ -707,7 +755,22 @@ class MachineMemory(BaseMachineMemory):
         return self._connections[self.using]
 
     def _fence(self, machine_id: str, token: int | None) -> Fence:
-        return NO_FENCE if token is None else self.locks.fence(machine_id, self.owner, token)
+        if token is None:
+            return NO_FENCE
+        # A backend that asks its own storage (Redis) before the write may fail there. The
+        # check only reads, so one more try on a fresh connection is safe; after that the
+        # write raises WriteError (not LockError: it is write() that failed), before the
+        # database statement, so nothing was stored.
+        try:
+            try:
+                return self.locks.fence(machine_id, self.owner, token)
+            except self.locks.transient_errors:
+                self.locks.recover()
+                return self.locks.fence(machine_id, self.owner, token)
+        except self.locks.errors as exc:
+            raise WriteError(
+                f"Writing machine {machine_id!r} failed: the lock on it could not be checked: {exc}"
+            ) from exc
 
     def _load(self, machine_id: str) -> Stored | None:
         connection = self._connections[self.using]
@@ -761,6 +824,9 @@ class MachineMemory(BaseMachineMemory):
 
     def _lock_info(self, machine_id: str) -> LockInfo | None:
         return self.locks.info(machine_id)
+
+    def _force_release(self, machine_id: str) -> LockInfo | None:
+        return self.locks.force_release(machine_id)
 
     def _in_transaction(self) -> bool:
         return self._connection().in_atomic_block

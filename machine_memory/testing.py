@@ -163,6 +163,16 @@ class SimpleMachineMemory(BaseMachineMemory):
                 datetime.datetime.now(datetime.UTC) + remaining,
             )
 
+    def _force_release(self, machine_id: str) -> LockInfo | None:
+        with self.store.mutex:
+            held = self._live(machine_id)
+            if held is None:
+                return None
+            held.expires = time.monotonic()  # keep the row, like the database backend
+            return LockInfo(
+                held.owner, held.token, held.acquired_at, datetime.datetime.now(datetime.UTC)
+            )
+
 
 @contextmanager
 def _raises(*kinds: type[BaseException]) -> Iterator[list[BaseException]]:
@@ -449,6 +459,30 @@ class MachineMemoryConformance:
         with _raises(ValueError):
             second.adopt(machine_id, 0)
 
+    def test_force_unlock_releases_whoever_holds_the_lock(self) -> None:
+        holder, operator, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert operator.force_unlock(machine_id) is None  # nothing to release
+        holder.write(machine_id, {"by": "nobody"}, None)
+        assert holder.lock(machine_id, ttl=60)
+        state = holder.read(machine_id)
+        held = holder.lock_info(machine_id)
+        released = operator.force_unlock(machine_id)
+        assert released is not None and held is not None
+        assert (released.owner, released.token) == (holder.owner, held.token)
+        assert released.acquired_at == held.acquired_at
+        assert released.expires_at < held.expires_at  # the moment of release, not the TTL
+        assert operator.lock_info(machine_id) is None
+        assert operator.force_unlock(machine_id) is None  # already released
+        assert holder.extend(machine_id) is False  # the holder has lost it
+        taker = self.make_memory()
+        assert taker.lock(machine_id)
+        with _raises(LockLost):  # and is fenced out once another owner holds it
+            holder.write(machine_id, {"by": "holder"}, state)
+        assert holder.unlock(machine_id) is False
+        assert taker.unlock(machine_id)
+        with _raises(InvalidMachineId):
+            operator.force_unlock("")
+
     def test_fencing_tokens_increase_across_unlocks(self) -> None:
         first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
         tokens = []
@@ -540,6 +574,7 @@ class MachineMemoryConformance:
             {"a set": {1, 2}},
             {"nan": float("nan")},
             {"inf": [float("inf")]},
+            {"nul": "a\x00b"},
             {"big": "x" * 1000},
         ]
         for bad in bad_states:

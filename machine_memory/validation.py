@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,9 @@ DOCUMENT_KEYS = {
     "initiator": "initiator",
     "source": "source",
 }
+
+# An escaped NUL: \u0000 after an even number of other backslashes.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 _encoder = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
@@ -98,6 +102,14 @@ def encode_state(data: object, max_bytes: int) -> str:
         ) from None
     except TypeError as exc:  # sets, bytes, datetimes, arbitrary objects
         raise InvalidState(f"State is not JSON-serialisable: {exc}.") from None
+    # json escapes NUL as \u0000. PostgreSQL's jsonb cannot store it, so it is refused on
+    # every database alike (a state must move between databases). The regex runs only when
+    # the substring is there, to tell an escaped NUL from a literal backslash-u0000 text.
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):
+        raise InvalidState(
+            "State contains a NUL character (\\u0000) in a string or key, which PostgreSQL "
+            "cannot store; remove or replace it."
+        )
     size = len(text) if text.isascii() else _utf8_length(text)
     if size > max_bytes:
         raise InvalidState(

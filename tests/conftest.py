@@ -95,3 +95,23 @@ def memory(alias: str) -> Iterator[MachineMemory]:
 @pytest.fixture
 def mid() -> str:
     return new_id()
+
+
+@pytest.fixture(scope="session")
+def redis_cache() -> str:
+    """The "redis" cache alias for the Redis lock backend, its database flushed once per run.
+
+    Skipped with the reason when Redis does not answer; with CI set, that ends the run.
+    """
+    from django_redis import get_redis_connection
+    from redis.exceptions import RedisError
+
+    client = get_redis_connection("redis")
+    try:
+        client.flushdb()
+    except RedisError as exc:
+        reason = f"redis ({settings.CACHES['redis']['LOCATION']}) unreachable: {exc}"
+        if in_ci():
+            pytest.exit(f"CI is set and Redis is down: {reason}", returncode=3)
+        pytest.skip(reason)
+    return "redis"

@@ -22,6 +22,35 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "machine_memory",
 ]
+# The admin tests (tests/test_admin*.py): its apps, URLs, templates and middleware.
+INSTALLED_APPS += [
+    "django.contrib.admin",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+]
+ROOT_URLCONF = "tests.urls"
+STATIC_URL = "/static/"
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 PG_HOST = os.environ.get("MM_PG_HOST", "127.0.0.1")
@@ -90,6 +119,21 @@ REAL_DATABASES = [
 ]
 DOWN_DATABASES = {"default": "sqlite_down", "postgres": "postgres_down", "mariadb": "mariadb_down"}
 
-CACHES = {
+# The Redis lock backend's tests use a database number of their own, flushed at the start of
+# a run (tests/conftest.py); MM_REDIS_URL points them elsewhere.
+REDIS_URL = os.environ.get("MM_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+CACHES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "redis": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 2},
+    },
+    # Nothing listens on port 9: for the fault tests.
+    "redis_down": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "redis://127.0.0.1:9/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
+    },
 }

@@ -245,3 +245,8 @@ def test_unreachable_database(db_access: None) -> None:
     with pytest.raises(CommandError, match="Cannot connect to database 'postgres_down'") as caught:
         call_command("machine_memory_bench", "--database", "postgres_down", stdout=StringIO())
     assert "migrate" not in str(caught.value)
+
+
+def test_unusable_lock_backend_is_a_command_error(db_access: None) -> None:
+    with pytest.raises(CommandError, match="lock backend"):
+        call_command("machine_memory_bench", "--lock-backend", "no.such.Backend", stdout=StringIO())

@@ -39,6 +39,8 @@ VALID = {
     "MAX_STATE_BYTES": 1_048_576,
     "CLEANUP": "keep",
     "PREPARED_STATEMENTS": None,
+    "API_PERMISSION_CLASSES": None,
+    "ADMIN_READONLY": True,
 }
 
 

@@ -457,3 +457,10 @@ def test_json_equal_false(left: Any, right: Any) -> None:
 def test_json_equal_agrees_with_a_json_round_trip() -> None:
     data = {"n": 1, "f": 2.5, "t": (True, None), "nested": {"x": [1, "two", {"three": 3}]}}
     assert json_equal(data, json.loads(json.dumps(data)))
+
+
+def test_encode_state_rejects_nul_but_not_a_literal_backslash_u0000() -> None:
+    for bad in ({"a": "x\x00y"}, {"k\x00": 1}, {"a": ["\\\x00"]}):
+        with pytest.raises(InvalidState, match="NUL"):
+            encode_state(bad, LIMIT)
+    assert encode_state({"a": "\\u0000"}, LIMIT) == '{"a":"\\\\u0000"}'

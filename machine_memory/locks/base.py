@@ -70,6 +70,15 @@ class LockBackend(ABC):
     def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
         """After a rejected write: has the lock with ``token`` been taken over (or purged)?"""
 
+    def force_release(self, machine_id: str) -> LockInfo | None:
+        """Expire the live lock on ``machine_id`` whoever holds it; return it, or None.
+
+        For operators (the admin, ``machine_memory_release``), never for workers. The
+        returned ``LockInfo`` is the lock as it was, with ``expires_at`` the moment of the
+        release. Not abstract, so that third-party backends keep working without it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot force-release locks.")
+
     def recover(self) -> None:
         """Drop a connection that failed with a transient error, so the next call reconnects."""
 

@@ -72,6 +72,24 @@ class DatabaseLockBackend(LockBackend):
             # Nothing of ours was live: fine unless someone else holds it now.
             return not self.dialect.is_live(cursor, machine_id)
 
+    def force_release(self, machine_id: str) -> LockInfo | None:
+        from machine_memory.models import StorageNow
+
+        connection = self.connection()
+        with connection.wrap_database_errors:
+            row = self.dialect.force_release(cursor_for(connection), machine_id)
+        if row is None:
+            return None
+        owner, token, acquired_at, expires_at = row
+        # The statement ran on the driver's cursor: convert its datetimes as the ORM would
+        # (SQLite returns text, MariaDB naive UTC).
+        clock = StorageNow()
+        converters = connection.ops.get_db_converters(clock)
+        for converter in converters:
+            acquired_at = converter(acquired_at, clock, connection)
+            expires_at = converter(expires_at, clock, connection)
+        return LockInfo(str(owner), int(token), acquired_at, expires_at)
+
     def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
         connection = self.connection()
         with connection.wrap_database_errors:

@@ -24,6 +24,7 @@ from machine_memory.bench import (
     summary,
 )
 from machine_memory.conf import conf
+from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql.cursor import cursor_for
 
 if TYPE_CHECKING:
@@ -121,7 +122,12 @@ class Command(BaseCommand):
         from machine_memory.memory import MachineMemory
         from machine_memory.models import MachineLock, MachineState
 
-        memory = MachineMemory(using=alias, lock_backend=options["lock_backend"])
+        try:
+            memory = MachineMemory(using=alias, lock_backend=options["lock_backend"])
+        except (ImportError, TypeError, ValueError, MachineMemoryError) as exc:
+            raise CommandError(
+                f"Cannot use lock backend {options['lock_backend']!r}: {exc}"
+            ) from exc
         prefix = new_prefix()
         try:
             connections[alias].ensure_connection()
