@@ -40,15 +40,18 @@ class CycleReport:
     failed_unlocks: int = 0
 
 
-def increment_cycles(alias: str, ids: list[str], rounds: int, first: int = 0) -> CycleReport:
+def increment_cycles(
+    alias: str, ids: list[str], rounds: int, first: int = 0, lock_backend: str | None = None
+) -> CycleReport:
     """The Arvo cycle: lock -> read -> +1 -> write(new, prev) -> unlock, ``rounds`` times per id.
 
     A denied lock moves on to the next id; a ``WriteConflict`` retries the increment.
+    ``lock_backend`` None: the configured one (the database backend in the test settings).
     """
     from machine_memory import MachineMemory
     from machine_memory.exceptions import WriteConflict
 
-    memory = MachineMemory(using=alias, lock_retries=0)
+    memory = MachineMemory(using=alias, lock_backend=lock_backend, lock_retries=0)
     report = CycleReport(owner=memory.owner, done=dict.fromkeys(ids, 0))
     # Start on a different id in each worker, so that some of the races are for fresh ids.
     order = ids[first % len(ids) :] + ids[: first % len(ids)]
@@ -84,7 +87,13 @@ def increment_cycles(alias: str, ids: list[str], rounds: int, first: int = 0) ->
 
 
 def increment_process(
-    alias: str, ids: list[str], rounds: int, index: int, start: Any, results: Any
+    alias: str,
+    ids: list[str],
+    rounds: int,
+    index: int,
+    start: Any,
+    results: Any,
+    lock_backend: str | None = None,
 ) -> None:
     """Entry point of a spawned worker process: wait for the others, then run the cycles."""
     try:
@@ -97,7 +106,8 @@ def increment_process(
         connections[alias].ensure_connection()
         start.wait(timeout=60)
         try:
-            results.put(("ok", index, increment_cycles(alias, ids, rounds, first=index)))
+            report = increment_cycles(alias, ids, rounds, first=index, lock_backend=lock_backend)
+            results.put(("ok", index, report))
         finally:
             connections.close_all()
     except BaseException:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 # Short names accepted by MACHINE_MEMORY["LOCK_BACKEND"]; anything else is a dotted path.
 ALIASES = {
     "database": "machine_memory.locks.database.DatabaseLockBackend",
+    "redis": "machine_memory.locks.redis.RedisLockBackend",
 }
 
 
