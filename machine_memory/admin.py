@@ -1,0 +1,547 @@
+"""Admin for machine states and their locks.
+
+Both models live on ``MACHINE_MEMORY['DATABASE']``, which need not be "default": every
+query and write goes through that alias, the way Django's multiple-database docs describe a
+"using" admin. Lists stay fast on tables with millions of rows: no per-row queries, no
+exact COUNT(*), filters built from index seeks, sorting only on indexed columns.
+
+Read-only by default (``ADMIN_READONLY``): workers own the states, and an edit through a
+form would bypass the compare-and-set. When it is turned off, a state's document can be
+edited, and the edit is a ``MachineMemory.write`` checked against the version shown.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import TYPE_CHECKING, Any, cast
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db.models import Q
+from django.http import HttpResponseRedirect
+from django.urls import reverse
+from django.utils.formats import localize
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+from django.utils.timezone import localtime
+
+from machine_memory.conf import conf
+from machine_memory.exceptions import LockError, MachineMemoryError, WriteConflict
+from machine_memory.models import MachineLock, MachineState
+from machine_memory.validation import DOCUMENT_KEYS, METADATA_KEYS
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from django.db.models import Model, QuerySet
+    from django.http import HttpRequest, HttpResponse
+    from django.utils.safestring import SafeString
+
+    from machine_memory.memory import MachineMemory
+    from machine_memory.models import MachineLockQuerySet, MachineStateQuerySet
+
+    ModelAdmin = admin.ModelAdmin[Any]
+else:
+    ModelAdmin = admin.ModelAdmin
+
+# An exact count of a large table reads all of it (PostgreSQL, InnoDB): lists count this
+# many rows at most and say "10000+" beyond (the first pages stay reachable; filters and
+# search narrow the rest).
+COUNT_CAP = 10_000
+# Distinct values offered by the status and source filters (one index seek each).
+FILTER_CHOICES = 50
+# Children linked from a state's page; the rest are one click away in the filtered list.
+CHILDREN_SHOWN = 20
+# Rows a "purge expired" action deletes per statement.
+PURGE_BATCH = 1000
+
+
+def memory() -> MachineMemory:
+    from machine_memory.memory import MachineMemory
+
+    return MachineMemory(using=conf.DATABASE)
+
+
+def uses_database_locks(mem: MachineMemory) -> bool:
+    from machine_memory.locks.database import DatabaseLockBackend
+
+    return isinstance(mem.locks, DatabaseLockBackend)
+
+
+def state_url(machine_id: str) -> str:
+    return reverse("admin:machine_memory_machinestate_change", args=[quote(machine_id)])
+
+
+def lock_url(machine_id: str) -> str:
+    return reverse("admin:machine_memory_machinelock_change", args=[quote(machine_id)])
+
+
+def seconds_text(delta: datetime.timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts at most ``COUNT_CAP`` rows (``COUNT(*)`` of a LIMITed subquery)."""
+
+    capped = False
+
+    @cached_property
+    def count(self) -> int:
+        rows = cast("QuerySet[Any]", self.object_list)
+        # Keys only, unordered: the list's annotations and ORDER BY would be computed for
+        # every counted row.
+        counted = rows.order_by().values("pk")[: COUNT_CAP + 1].count()
+        self.capped = counted > COUNT_CAP
+        return min(counted, COUNT_CAP)
+
+
+class SortableByOnlyChangeList(ChangeList):
+    """Ignores ``?o=`` for columns outside ``sortable_by``: Django only hides their links."""
+
+    def get_ordering_field(self, field_name: Any) -> Any:
+        if self.sortable_by is not None and field_name not in self.sortable_by:
+            return None
+        return super().get_ordering_field(field_name)
+
+
+class UsingDatabaseAdmin(ModelAdmin):
+    """Queries and writes on ``MACHINE_MEMORY['DATABASE']``; fast lists on big tables."""
+
+    paginator = CappedCountPaginator
+    # Django's "N total" next to a filtered count would be a second full COUNT(*).
+    show_full_result_count = False
+    # Facet counts (Django >= 5.0) are one COUNT per filter choice.
+    if hasattr(admin, "ShowFacets"):
+        show_facets = admin.ShowFacets.NEVER
+    list_per_page = 50
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return SortableByOnlyChangeList
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return super().get_queryset(request).using(conf.DATABASE)
+
+    def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
+        obj.save(using=conf.DATABASE)
+
+    def delete_model(self, request: HttpRequest, obj: Model) -> None:
+        obj.delete(using=conf.DATABASE)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        queryset.using(conf.DATABASE).delete()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Rows are created by workers (states) and by lock() (locks), never by hand.
+        return False
+
+    def has_release_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("machine_memory.change_machinelock")
+
+    @admin.action(description="Release the locks of the selected machines", permissions=["release"])
+    def release_locks(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        mem = memory()
+        released: list[str] = []
+        try:
+            for machine_id in queryset.values_list("pk", flat=True):
+                info = mem.force_unlock(machine_id)
+                if info is not None:
+                    released.append(f"{machine_id} (held by {info.owner}, token {info.token})")
+        except LockError as exc:
+            self.message_user(request, f"Releasing locks failed: {exc}", messages.ERROR)
+        finally:
+            mem.close()
+        if released:
+            self.message_user(
+                request,
+                f"Released {len(released)} lock(s): {'; '.join(released)}.",
+                messages.SUCCESS,
+            )
+        else:
+            self.message_user(request, "None of the selected machines had a live lock.")
+
+
+# -- list filters ------------------------------------------------------------------------
+
+
+class IndexedValuesFilter(admin.SimpleListFilter):
+    """Choices from the distinct values of an indexed column, found by index seeks."""
+
+    field = ""
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> Iterable[tuple[str, str]]:
+        values = MachineState.objects.using(conf.DATABASE).distinct_values(
+            self.field, FILTER_CHOICES
+        )
+        return [(value, value) for value in values]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        value = self.value()
+        return None if value is None else queryset.filter(**{self.field: value})
+
+
+class ExecutionStatusFilter(IndexedValuesFilter):
+    title = "execution status"
+    parameter_name = "status"
+    field = "execution_status"
+
+
+class SourceFilter(IndexedValuesFilter):
+    title = "source"
+    parameter_name = "source"
+    field = "source"
+
+
+class LockStatusFilter(admin.SimpleListFilter):
+    title = "lock status"
+    parameter_name = "lock"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> Iterable[tuple[str, str]]:
+        return [("live", "live"), ("expired", "expired"), ("none", "none")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        states = cast("MachineStateQuerySet", queryset)
+        return {
+            "live": states.with_live_lock,
+            "expired": states.with_expired_lock,
+            "none": states.without_lock,
+        }.get(self.value() or "", lambda: None)()
+
+
+class RootsFilter(admin.SimpleListFilter):
+    title = "hierarchy"
+    parameter_name = "roots"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> Iterable[tuple[str, str]]:
+        return [("yes", "roots only (no parent)")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        if self.value() == "yes":
+            return cast("MachineStateQuerySet", queryset).roots()
+        return None
+
+
+class LockLiveFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "live"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> Iterable[tuple[str, str]]:
+        return [("yes", "live"), ("no", "expired or released")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        locks = cast("MachineLockQuerySet", queryset)
+        if self.value() == "yes":
+            return locks.live()
+        if self.value() == "no":
+            return locks.expired()
+        return None
+
+
+# -- machine states ----------------------------------------------------------------------
+
+
+class StateForm(forms.ModelForm):  # type: ignore[type-arg]
+    """The document, plus the version it was shown at (the compare-and-set's expectation)."""
+
+    shown_version = forms.IntegerField(widget=forms.HiddenInput)
+
+    class Meta:
+        model = MachineState
+        fields = ("state",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["shown_version"].initial = self.instance.version
+
+    def clean_state(self) -> Any:
+        value = self.cleaned_data["state"]
+        if not isinstance(value, dict):
+            raise ValidationError("The state must be a JSON object.")
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        shown = cleaned.get("shown_version")
+        current = (
+            MachineState.objects.using(conf.DATABASE)
+            .filter(pk=self.instance.pk)
+            .values_list("version", flat=True)
+            .first()
+        )
+        if shown is not None and current != shown:
+            raise ValidationError(
+                f"This state was written since you opened it (version {shown}, now "
+                f"{current}). Reload the page and make your change again."
+            )
+        return cleaned
+
+
+# Set on the request when MachineMemory refused an edit, for response_change.
+REFUSED = "_machine_memory_refused"
+
+
+@admin.register(MachineState)
+class MachineStateAdmin(UsingDatabaseAdmin):
+    list_display = (
+        "machine_id",
+        "execution_status",
+        "source",
+        "parent",
+        "version",
+        "updated_at",
+        "lock_status",
+    )
+    # The primary key only: the list adds "-pk" to any other ordering to make it total,
+    # and ORDER BY <status or source>, pk sorts the whole table (seconds at 1,000,000 rows).
+    sortable_by = ("machine_id",)
+    list_filter = (ExecutionStatusFilter, SourceFilter, LockStatusFilter, RootsFilter)
+    # Only shows the search box: get_search_results matches exactly, on indexes.
+    search_fields = ("machine_id",)
+    search_help_text = (
+        "Exact machine id, parent id or source. End with * for a prefix (scans the table)."
+    )
+    form = StateForm
+    actions = ("release_locks",)
+    readonly_fields = (
+        "machine_id",
+        "version",
+        "execution_status",
+        "parent",
+        "children",
+        "initiator",
+        "source",
+        "created_at",
+        "updated_at",
+        "lock",
+        "pretty_state",
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return cast("MachineStateQuerySet", super().get_queryset(request)).with_lock()
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields: tuple[str, ...] = self.readonly_fields
+        if self.has_change_permission(request, obj):
+            fields += ("state", "shown_version")
+        return fields
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not conf.ADMIN_READONLY and super().has_change_permission(request, obj)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if term.endswith("*") and len(term) > 1:
+            prefix = term[:-1]
+            match = (
+                Q(machine_id__startswith=prefix)
+                | Q(parent_id__startswith=prefix)
+                | Q(source__startswith=prefix)
+            )
+        else:
+            match = Q(machine_id=term) | Q(parent_id=term) | Q(source=term)
+        return queryset.filter(match), False
+
+    # -- columns and fields --------------------------------------------------------------
+
+    @admin.display(description="parent", ordering="parent_id")
+    def parent(self, obj: MachineState) -> str:
+        if obj.parent_id is None:
+            return "—"
+        return format_html('<a href="{}">{}</a>', state_url(obj.parent_id), obj.parent_id)
+
+    @admin.display(description="lock")
+    def lock_status(self, obj: MachineState) -> str:
+        owner = getattr(obj, "lock_owner", None)
+        if owner is None:
+            return "none"
+        return f"{'live' if getattr(obj, 'lock_live', False) else 'expired'} ({owner})"
+
+    @admin.display(description="children")
+    def children(self, obj: MachineState) -> str:
+        ids = list(
+            MachineState.objects.using(conf.DATABASE)
+            .children_of(obj.machine_id)
+            .order_by("pk")
+            .values_list("pk", flat=True)[: CHILDREN_SHOWN + 1]
+        )
+        if not ids:
+            return "—"
+        links = format_html_join(
+            ", ", '<a href="{}">{}</a>', ((state_url(i), i) for i in ids[:CHILDREN_SHOWN])
+        )
+        if len(ids) <= CHILDREN_SHOWN:
+            return links
+        everything = reverse("admin:machine_memory_machinestate_changelist")
+        query = urlencode({"parent_id__exact": obj.machine_id})
+        return format_html('{} … <a href="{}?{}">all children</a>', links, everything, query)
+
+    @admin.display(description="state")
+    def pretty_state(self, obj: MachineState) -> str:
+        text = json.dumps(obj.state, indent=2, ensure_ascii=False, sort_keys=True)
+        # format_html escapes the document: a state may hold any text, markup included.
+        return format_html(
+            '<pre class="machine-memory-state" style="white-space: pre-wrap; margin: 0; '
+            'max-height: 40em; overflow: auto">{}</pre>',
+            text,
+        )
+
+    @admin.display(description="lock")
+    def lock(self, obj: MachineState) -> str:
+        row = (
+            MachineLock.objects.using(conf.DATABASE).with_clock().filter(pk=obj.machine_id).first()
+        )
+        if row is not None:
+            return format_html(
+                '{} <a href="{}">(lock row)</a>', describe_lock(row), lock_url(row.pk)
+            )
+        mem = memory()
+        try:
+            if uses_database_locks(mem):
+                return "none"
+            info = mem.lock_info(obj.machine_id)
+        except LockError as exc:
+            return f"unknown: {exc}"
+        finally:
+            mem.close()
+        if info is None:
+            return "none live"
+        return (
+            f"live: {info.owner}, token {info.token}, acquired {when(info.acquired_at)}"
+            f", expires {when(info.expires_at)}"
+        )
+
+    # -- editing (ADMIN_READONLY = False) ------------------------------------------------
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        # Through MachineMemory: validation, version bump and metadata as for any write,
+        # compare-and-set against the version the form was shown at (StateForm.clean
+        # turned a stale form away already; this closes the remaining window).
+        shown = form.cleaned_data["shown_version"]
+        stored = (
+            MachineState.objects.using(conf.DATABASE)
+            .filter(pk=obj.pk, version=shown)
+            .values_list("state", "parent_id", "initiator", "source")
+            .first()
+        )
+        data = form.cleaned_data["state"]
+        mem = memory()
+        try:
+            if stored is None:
+                raise WriteConflict(
+                    obj.pk, shown, None, f"Machine {obj.pk!r} changed since version {shown}."
+                )
+            prev, parent_id, initiator, source = stored
+            # Keep metadata that workers passed beside the document, unless the document
+            # itself now names it.
+            kept = {"parent_subject": parent_id, "initiator": initiator, "source": source}
+            named = {DOCUMENT_KEYS[key] for key in data if key in DOCUMENT_KEYS}
+            metadata = {
+                key: kept[key] for key, column in METADATA_KEYS.items() if column not in named
+            }
+            mem.write(obj.pk, data, prev, metadata=metadata)
+        except (MachineMemoryError, ValueError) as exc:
+            setattr(request, REFUSED, str(exc))
+        finally:
+            mem.close()
+
+    def response_change(self, request: HttpRequest, obj: Any) -> HttpResponse:
+        refused = getattr(request, REFUSED, None)
+        if refused is None:
+            return super().response_change(request, obj)
+        self.message_user(request, f"The state was not saved: {refused}", messages.ERROR)
+        return HttpResponseRedirect(request.path)
+
+
+def when(value: datetime.datetime) -> str:
+    """A datetime as the admin shows its date fields (current time zone, DATETIME_FORMAT)."""
+    return str(localize(localtime(value)))
+
+
+def describe_lock(row: MachineLock) -> str:
+    db_now: datetime.datetime = getattr(row, "db_now", None) or row.expires_at
+    live = row.expires_at > db_now
+    status = f"live, {seconds_text(row.expires_at - db_now)} left" if live else "expired"
+    return (
+        f"{status}: {row.owner}, token {row.token}, acquired {when(row.acquired_at)}"
+        f", expires {when(row.expires_at)}"
+    )
+
+
+# -- machine locks -----------------------------------------------------------------------
+
+
+@admin.register(MachineLock)
+class MachineLockAdmin(UsingDatabaseAdmin):
+    list_display = (
+        "machine_id",
+        "state_link",
+        "owner",
+        "token",
+        "acquired_at",
+        "expires_at",
+        "status",
+        "time_left",
+    )
+    sortable_by = ("machine_id",)
+    list_filter = (LockLiveFilter,)
+    search_fields = ("machine_id",)
+    search_help_text = "Exact machine id."
+    actions = ("release_locks", "purge_expired")
+    fields = ("machine_id", "state_link", "owner", "token", "acquired_at", "expires_at", "status")
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return cast("MachineLockQuerySet", super().get_queryset(request)).with_clock()
+
+    # A lock row is only ever changed by lock()/unlock()/extend() (an edit would break
+    # fencing), and deleting one could drop the token high-water row: release and purge
+    # are the actions.
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_purge_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("machine_memory.delete_machinelock")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        term = search_term.strip()
+        return (queryset.filter(machine_id=term) if term else queryset), False
+
+    @admin.display(description="state")
+    def state_link(self, obj: MachineLock) -> SafeString:
+        return format_html('<a href="{}">state</a>', state_url(obj.machine_id))
+
+    @admin.display(description="status")
+    def status(self, obj: MachineLock) -> str:
+        return "live" if obj.expires_at > obj.db_now else "expired"  # type: ignore[attr-defined]
+
+    @admin.display(description="time left")
+    def time_left(self, obj: MachineLock) -> str:
+        left = obj.expires_at - obj.db_now  # type: ignore[attr-defined]
+        return seconds_text(left) if left > datetime.timedelta(0) else "—"
+
+    @admin.action(
+        description="Purge the selected locks if expired (keeps the token high-water row)",
+        permissions=["purge"],
+    )
+    def purge_expired(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        purged = cast("MachineLockQuerySet", queryset).purge_expired(batch_size=PURGE_BATCH)
+        self.message_user(request, f"Purged {purged.deleted} expired lock(s).", messages.SUCCESS)

@@ -1,0 +1,77 @@
+"""argparse ``type=`` functions and logging set-up shared by the management commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from django.db import connections
+
+from machine_memory.exceptions import InvalidMachineId
+from machine_memory.validation import validate_id
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from django.core.management.base import OutputWrapper
+
+VERBOSITY_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    # "nan" and "inf" parse as floats; neither is an age.
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def machine_id(text: str) -> str:
+    try:
+        return validate_id(text)
+    except InvalidMachineId as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def database_alias(text: str) -> str:
+    if text not in connections:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not in settings.DATABASES (aliases: {', '.join(connections)})"
+        )
+    return text
+
+
+@contextmanager
+def logging_for(verbosity: int, stream: OutputWrapper) -> Iterator[None]:
+    """Map ``-v`` to the ``machine_memory`` logger's level, printing to ``stream``."""
+    logger = logging.getLogger("machine_memory")
+    old_level = logger.level
+    logger.setLevel(VERBOSITY_LEVELS.get(verbosity, logging.DEBUG))
+    handler = None
+    if not logger.handlers:
+        # Without a handler of its own (settings.LOGGING may give it one), INFO and DEBUG
+        # would only reach Python's last-resort handler, which drops them.
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.setLevel(old_level)
+        if handler is not None:
+            logger.removeHandler(handler)

@@ -1,0 +1,476 @@
+"""The admin through Django's test client: as superuser, as staff without permissions, anonymous.
+
+Users and sessions live on "default"; the machine memory's tables on the alias under test
+(``MACHINE_MEMORY['DATABASE']``), which the admin reads and writes through.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.contrib.admin.utils import quote
+from django.contrib.auth.models import Permission, User
+from django.core.checks import Error
+from django.db import connections
+from django.test import Client, override_settings
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from machine_memory import MachineMemory, admin
+from machine_memory.checks import check_settings
+from machine_memory.models import MachineLock, MachineState, StorageTime
+from tests.support import new_id
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+STATES = reverse("admin:machine_memory_machinestate_changelist")
+LOCKS = reverse("admin:machine_memory_machinelock_changelist")
+
+
+def state_url(machine_id: str) -> str:
+    return reverse("admin:machine_memory_machinestate_change", args=[quote(machine_id)])
+
+
+def lock_url(machine_id: str) -> str:
+    return reverse("admin:machine_memory_machinelock_change", args=[quote(machine_id)])
+
+
+@pytest.fixture
+def routed(alias: str) -> Iterator[str]:
+    with override_settings(MACHINE_MEMORY={"DATABASE": alias}):
+        yield alias
+
+
+def user(*permissions: str, superuser: bool = False) -> Client:
+    name = new_id("user")
+    if superuser:
+        account = User.objects.create_superuser(name, password="pw")
+    else:
+        account = User.objects.create_user(name, password="pw", is_staff=True)
+        for codename in permissions:
+            account.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(account)
+    return client
+
+
+@pytest.fixture
+def superuser(db_access: None) -> Client:
+    return user(superuser=True)
+
+
+def text(response: Any) -> str:
+    return str(response.content.decode())
+
+
+def write(alias: str, document: dict[str, Any], **metadata: Any) -> str:
+    machine_id = new_id("adm") + "/+="  # the characters of base64 subjects, quoted in URLs
+    MachineMemory(using=alias).write(machine_id, document, None, metadata or None)
+    return machine_id
+
+
+def action(client: Client, url: str, name: str, ids: list[str], **extra: Any) -> Any:
+    data = {"action": name, "_selected_action": ids, "index": 0, **extra}
+    return client.post(url, data, follow=True)
+
+
+def listed(response: Any) -> set[str]:
+    """The ids in the first column of a change list."""
+    found = re.findall(
+        r'<th class="field-machine_id"><a href="[^"]*">([^<]*)</a></th>', text(response)
+    )
+    return {html.unescape(machine_id) for machine_id in found}
+
+
+def messages_of(response: Any) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+# -- who may see what --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [STATES, LOCKS])
+def test_anonymous_is_sent_to_the_login_page(routed: str, url: str) -> None:
+    response = Client().get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith(reverse("admin:login"))
+
+
+def test_anonymous_cannot_run_actions(routed: str) -> None:
+    machine_id = write(routed, {"a": 1})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)
+    response = Client().post(STATES, {"action": "release_locks", "_selected_action": [machine_id]})
+    assert response.status_code == 302
+    assert holder.lock_info(machine_id) is not None
+    assert holder.unlock(machine_id)
+
+
+def test_staff_without_permissions_is_refused(routed: str) -> None:
+    client = user()
+    machine_id = write(routed, {"a": 1})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)
+    for url in (STATES, LOCKS, state_url(machine_id), lock_url(machine_id)):
+        assert client.get(url).status_code == 403, url
+    response = client.post(STATES, {"action": "release_locks", "_selected_action": [machine_id]})
+    assert response.status_code == 403
+    response = client.post(STATES, {"action": "delete_selected", "_selected_action": [machine_id]})
+    assert response.status_code == 403
+    assert holder.lock_info(machine_id) is not None
+    assert MachineState.objects.using(routed).filter(pk=machine_id).exists()
+    assert holder.unlock(machine_id)
+    index = text(client.get(reverse("admin:index")))
+    assert "Machine states" not in index
+
+
+def test_staff_with_view_permission_sees_but_cannot_act(routed: str) -> None:
+    client = user("view_machinestate", "view_machinelock")
+    machine_id = write(routed, {"a": 1})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)
+    page = text(client.get(STATES, {"q": machine_id}))
+    assert html.escape(machine_id) in page
+    assert 'name="action"' not in page  # no action the user may run
+    response = client.post(STATES, {"action": "release_locks", "_selected_action": [machine_id]})
+    assert holder.lock_info(machine_id) is not None
+    assert response.status_code in (200, 302)
+    assert client.get(state_url(machine_id)).status_code == 200
+    assert holder.unlock(machine_id)
+
+
+# -- the state list ----------------------------------------------------------------------
+
+
+def test_state_list_columns_and_lock_status(routed: str, superuser: Client) -> None:
+    source = f"src-{new_id()}"
+    parent = write(routed, {"source": source})
+    live = write(routed, {"executionStatus": "running", "source": source, "parentSubject": parent})
+    expired = write(routed, {"executionStatus": "done", "source": source})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(live)
+    assert holder.lock(expired)
+    assert holder.unlock(expired)
+    page = text(superuser.get(STATES, {"q": source}))
+    rows = {
+        machine_id: row
+        for row in re.findall(r"<tr>.*?</tr>", page, re.DOTALL)
+        for machine_id in (parent, live, expired)
+        if html.escape(machine_id) in row.split("</th>")[0]
+    }
+    assert set(rows) == {parent, live, expired}
+    assert f"live ({holder.owner})" in rows[live]
+    assert f"expired ({holder.owner})" in rows[expired]
+    assert ">none<" in rows[parent]
+    assert "running" in rows[live] and source in rows[live]
+    assert f'href="{state_url(parent)}"' in rows[live]  # the parent column links to it
+    assert "3 machine states" in page
+    assert holder.unlock(live)
+
+
+def test_state_list_filters(routed: str, superuser: Client) -> None:
+    status, source = f"st-{new_id()}", f"src-{new_id()}"
+    root = write(routed, {"executionStatus": status, "source": source})
+    child = write(routed, {"executionStatus": status, "source": source, "parentSubject": root})
+    other = write(routed, {"executionStatus": "zz-other", "source": source})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(child)
+    assert holder.lock(other)
+    assert holder.unlock(other)
+
+    def shown(**params: str) -> set[str]:
+        return listed(superuser.get(STATES, {"q": source, **params}))
+
+    assert shown() == {root, child, other}
+    assert shown(status=status) == {root, child}
+    assert shown(source=source) == {root, child, other}
+    assert shown(lock="live") == {child}
+    assert shown(lock="expired") == {other}
+    assert shown(lock="none") == {root}
+    assert shown(roots="yes") == {root, other}
+    page = text(superuser.get(STATES))
+    # The choices of the status and source filters come from the table itself.
+    assert f"?status={status}" in page and f"?source={source}" in page
+    assert holder.unlock(child)
+
+
+def test_state_search_is_exact_on_id_parent_and_source(routed: str, superuser: Client) -> None:
+    source = f"src-{new_id()}"
+    parent = write(routed, {"source": source})
+    child = write(routed, {"parentSubject": parent})
+
+    def found(term: str) -> set[str]:
+        return listed(superuser.get(STATES, {"q": term}))
+
+    assert found(parent) == {parent, child}  # its own id, and as the child's parent
+    assert found(child) == {child}
+    assert found(source) == {parent}
+    assert found(source[:-3]) == set()  # exact: no substring matches
+    assert found(source[:-3] + "*") == {parent}  # a prefix when asked for
+
+
+def test_state_list_makes_no_per_row_queries(routed: str, superuser: Client) -> None:
+    source = f"src-{new_id()}"
+    holder = MachineMemory(using=routed)
+    ids = [write(routed, {"source": source, "executionStatus": "done"}) for _ in range(30)]
+    for machine_id in ids[:10]:
+        assert holder.lock(machine_id)
+
+    def queries(**params: str) -> list[str]:
+        with CaptureQueriesContext(connections[routed]) as captured:
+            assert superuser.get(STATES, params).status_code == 200
+        return [q["sql"] for q in captured.captured_queries]
+
+    one = queries(q=ids[0])
+    thirty = queries(q=source)
+    assert len(one) == len(thirty)
+    for sql in thirty:
+        # Every count is capped: COUNT(*) over a LIMITed subquery, never the whole table.
+        if "COUNT(" in sql.upper():
+            assert "LIMIT" in sql.upper(), sql
+    for machine_id in ids[:10]:
+        assert holder.unlock(machine_id)
+
+
+def test_state_list_count_is_capped(
+    routed: str, superuser: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = f"src-{new_id()}"
+    for _ in range(7):
+        write(routed, {"source": source})
+    monkeypatch.setattr(admin, "COUNT_CAP", 5)
+    page = text(superuser.get(STATES, {"q": source}))
+    assert re.search(r"\b5\+ machine states", page)
+    monkeypatch.setattr(admin, "COUNT_CAP", 10)
+    page = text(superuser.get(STATES, {"q": source}))
+    assert re.search(r"\b7 machine states", page) and "7+" not in page
+
+
+def test_state_list_sorts_only_by_the_primary_key(routed: str, superuser: Client) -> None:
+    write(routed, {"executionStatus": "done"})  # an empty list has no table
+    page = text(superuser.get(STATES))
+    headers = re.findall(r'<th scope="col" class="([^"]*)"', page)
+    sortable = {h.split()[1].removeprefix("column-") for h in headers if "sortable" in h}
+    assert sortable == {"machine_id"}
+    # A hand-written ?o= for another column is ignored (it would sort the whole table).
+    with CaptureQueriesContext(connections[routed]) as captured:
+        assert superuser.get(STATES, {"o": "2"}).status_code == 200
+    [page_query] = [q["sql"] for q in captured.captured_queries if "ORDER BY" in q["sql"]
+                    and "lock_owner" in q["sql"]]  # fmt: skip
+    assert "execution_status" not in page_query.split("ORDER BY")[-1]
+
+
+# -- the state page ----------------------------------------------------------------------
+
+
+def test_state_page_shows_pretty_escaped_json_lock_parent_and_children(
+    routed: str, superuser: Client
+) -> None:
+    parent = write(routed, {"executionStatus": "running"})
+    document = {"html": "<script>alert(1)</script>", "nested": {"list": [1, 2]}, "é": "漢"}
+    machine_id = write(routed, {**document, "parentSubject": parent})
+    children = [write(routed, {"parentSubject": machine_id}) for _ in range(2)]
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id, ttl=60)
+    response = superuser.get(state_url(machine_id))
+    assert response.status_code == 200
+    page = text(response)
+    pretty = json.dumps({**document, "parentSubject": parent}, indent=2, ensure_ascii=False)
+    pretty = json.dumps(json.loads(pretty), indent=2, ensure_ascii=False, sort_keys=True)
+    assert '<pre class="machine-memory-state"' in page
+    assert html.escape(pretty) in page
+    assert "<script>alert(1)</script>" not in page
+    assert re.search(rf"live, [\d.]+ s left: {re.escape(holder.owner)}, token \d+", page)
+    assert f'href="{state_url(parent)}"' in page
+    for child in children:
+        assert f'href="{state_url(child)}"' in page
+    # Read-only: no form field for the document, no save button.
+    assert 'name="state"' not in page and 'name="_save"' not in page
+    assert holder.unlock(machine_id)
+
+
+def test_state_page_links_to_all_children_when_there_are_many(
+    routed: str, superuser: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "CHILDREN_SHOWN", 2)
+    parent = write(routed, {})
+    children = [write(routed, {"parentSubject": parent}) for _ in range(3)]
+    page = text(superuser.get(state_url(parent)))
+    assert sum(f'href="{state_url(c)}"' in page for c in children) == 2
+    link = re.search(r'href="([^"]*parent_id__exact=[^"]*)">all children<', page)
+    assert link
+    assert listed(superuser.get(html.unescape(link[1]))) == set(children)
+
+
+def test_read_only_state_cannot_be_changed(routed: str, superuser: Client) -> None:
+    machine_id = write(routed, {"a": 1})
+    response = superuser.post(state_url(machine_id), {"state": '{"a": 2}', "shown_version": 1})
+    assert response.status_code == 403
+    assert MachineState.objects.using(routed).get(pk=machine_id).state == {"a": 1}
+    assert superuser.get(reverse("admin:machine_memory_machinestate_add")).status_code == 403
+
+
+def test_editable_state_is_written_through_machine_memory(alias: str, superuser: Client) -> None:
+    with override_settings(MACHINE_MEMORY={"DATABASE": alias, "ADMIN_READONLY": False}):
+        machine_id = write(alias, {"a": 1}, parent_subject="p-1", source="from-metadata")
+        page = text(superuser.get(state_url(machine_id)))
+        assert 'name="state"' in page and 'name="shown_version" value="1"' in page
+        response = superuser.post(
+            state_url(machine_id),
+            {"state": '{"a": 2, "executionStatus": "done"}', "shown_version": 1},
+            follow=True,
+        )
+        assert response.status_code == 200
+        row = MachineState.objects.using(alias).get(pk=machine_id)
+        assert (row.state, row.version) == ({"a": 2, "executionStatus": "done"}, 2)
+        # Metadata passed by the worker beside the document is kept.
+        assert (row.execution_status, row.parent_id, row.source) == ("done", "p-1", "from-metadata")
+        # A form shown at an older version is turned away.
+        response = superuser.post(
+            state_url(machine_id), {"state": '{"a": 3}', "shown_version": 1}, follow=True
+        )
+        assert "written since you opened it" in text(response)
+        bad = superuser.post(state_url(machine_id), {"state": "[1, 2]", "shown_version": 2})
+        assert "must be a JSON object" in text(bad)
+        assert MachineState.objects.using(alias).get(pk=machine_id).version == 2
+
+
+# -- actions ----------------------------------------------------------------------------
+
+
+def test_release_locks_action_on_states(routed: str, superuser: Client) -> None:
+    locked, free = write(routed, {"a": 1}), write(routed, {"a": 2})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(locked)
+    response = action(superuser, STATES, "release_locks", [locked, free])
+    assert response.status_code == 200
+    [message] = messages_of(response)
+    assert f"Released 1 lock(s): {locked} (held by {holder.owner}, token" in message
+    assert holder.lock_info(locked) is None
+    response = action(superuser, STATES, "release_locks", [free])
+    assert messages_of(response) == ["None of the selected machines had a live lock."]
+
+
+def test_release_locks_needs_the_lock_change_permission(routed: str) -> None:
+    client = user("view_machinestate", "delete_machinestate")
+    machine_id = write(routed, {"a": 1})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)
+    action(client, STATES, "release_locks", [machine_id])
+    assert holder.lock_info(machine_id) is not None
+    client = user("view_machinestate", "change_machinelock")
+    action(client, STATES, "release_locks", [machine_id])
+    assert holder.lock_info(machine_id) is None
+
+
+def test_delete_states_action(routed: str, superuser: Client) -> None:
+    doomed, kept = write(routed, {"a": 1}), write(routed, {"a": 2})
+    confirm = action(superuser, STATES, "delete_selected", [doomed])
+    assert "Are you sure" in text(confirm)
+    response = action(superuser, STATES, "delete_selected", [doomed], post="yes")
+    assert "Successfully deleted 1 machine state" in " ".join(messages_of(response))
+    remaining = MachineState.objects.using(routed).filter(pk__in=[doomed, kept])
+    assert set(remaining.values_list("pk", flat=True)) == {kept}
+
+
+def test_delete_one_state_from_its_page(routed: str, superuser: Client) -> None:
+    machine_id = write(routed, {"a": 1})
+    url = reverse("admin:machine_memory_machinestate_delete", args=[quote(machine_id)])
+    assert superuser.get(url).status_code == 200
+    superuser.post(url, {"post": "yes"})
+    assert not MachineState.objects.using(routed).filter(pk=machine_id).exists()
+
+
+# -- the lock admin ---------------------------------------------------------------------
+
+
+def test_lock_list_shows_time_left_by_the_database_clock(routed: str, superuser: Client) -> None:
+    live, expired = new_id("lk"), new_id("lk")
+    holder = MachineMemory(using=routed)
+    assert holder.lock(live, ttl=90)
+    assert holder.lock(expired)
+    assert holder.unlock(expired)
+    page = text(superuser.get(LOCKS, {"q": live}))
+    assert holder.owner in page and ">live<" in page
+    left = re.search(r'class="field-time_left">([\d.]+) s<', page)
+    assert left and 80 < float(left[1]) <= 90
+    page = text(superuser.get(LOCKS, {"q": expired}))
+    assert ">expired<" in page and 'class="field-time_left">—<' in page
+    assert listed(superuser.get(LOCKS, {"live": "yes", "q": live})) == {live}
+    assert listed(superuser.get(LOCKS, {"live": "no", "q": live})) == set()
+    assert listed(superuser.get(LOCKS, {"live": "no", "q": expired})) == {expired}
+    page = text(superuser.get(lock_url(live)))
+    assert holder.owner in page and 'name="_save"' not in page
+    assert holder.unlock(live)
+
+
+def test_lock_rows_cannot_be_added_changed_or_deleted(routed: str, superuser: Client) -> None:
+    machine_id = new_id("lk")
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)
+    assert superuser.get(reverse("admin:machine_memory_machinelock_add")).status_code == 403
+    delete = reverse("admin:machine_memory_machinelock_delete", args=[quote(machine_id)])
+    assert superuser.post(delete, {"post": "yes"}).status_code == 403
+    response = action(superuser, LOCKS, "delete_selected", [machine_id], post="yes")
+    assert MachineLock.objects.using(routed).filter(pk=machine_id).exists()
+    assert response.status_code == 200
+    assert holder.unlock(machine_id)
+
+
+def test_lock_actions_release_and_purge(routed: str, superuser: Client) -> None:
+    holder = MachineMemory(using=routed)
+    live, expired = new_id("lk"), new_id("lk")
+    assert holder.lock(expired)
+    assert holder.unlock(expired)
+    assert holder.lock(live)
+    response = action(superuser, LOCKS, "purge_expired", [live, expired])
+    assert messages_of(response) == ["Purged 1 expired lock(s)."]
+    assert set(MachineLock.objects.using(routed).filter(pk__in=[live, expired])
+               .values_list("pk", flat=True)) == {live}  # fmt: skip
+    response = action(superuser, LOCKS, "release_locks", [live])
+    assert f"Released 1 lock(s): {live} (held by {holder.owner}" in messages_of(response)[0]
+    assert holder.lock_info(live) is None
+    # Released rows stay (token history) until purged.
+    assert MachineLock.objects.using(routed).filter(pk=live).exists()
+
+
+def test_purge_needs_the_lock_delete_permission(routed: str) -> None:
+    expired = new_id("lk")
+    holder = MachineMemory(using=routed)
+    assert holder.lock(expired)
+    assert holder.unlock(expired)
+    assert holder.lock(new_id("lk"))  # the high-water row is someone else's
+    MachineLock.objects.using(routed).filter(pk=expired).update(expires_at=StorageTime(-60))
+    client = user("view_machinelock", "change_machinelock")
+    action(client, LOCKS, "purge_expired", [expired])
+    assert MachineLock.objects.using(routed).filter(pk=expired).exists()
+    client = user("view_machinelock", "delete_machinelock")
+    action(client, LOCKS, "purge_expired", [expired])
+    assert not MachineLock.objects.using(routed).filter(pk=expired).exists()
+
+
+# -- ADMIN_READONLY ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_e016_admin_readonly_must_be_a_bool(value: Any) -> None:
+    with override_settings(MACHINE_MEMORY={"ADMIN_READONLY": value}):
+        messages = check_settings()
+    [message] = [m for m in messages if m.id == "machine_memory.E016"]
+    assert isinstance(message, Error) and message.hint
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_admin_readonly_valid_values(value: bool) -> None:
+    from machine_memory.conf import conf
+
+    with override_settings(MACHINE_MEMORY={"ADMIN_READONLY": value}):
+        assert check_settings() == []
+        assert conf.ADMIN_READONLY is value
+    assert conf.ADMIN_READONLY is True

@@ -1,0 +1,570 @@
+"""The operators' management commands, on every database.
+
+The lock and state tables are shared by the whole run (no test transaction), so each test
+asserts on its own ids, and counts as "at least".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from io import StringIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connections
+from django.test import override_settings
+
+from machine_memory import MachineMemory
+from machine_memory.locks.base import LockBackend
+from machine_memory.models import (
+    MachineLock,
+    MachineLockQuerySet,
+    MachineState,
+    MachineStateQuerySet,
+    StorageTime,
+)
+from machine_memory.sql import dialect_for
+from tests.support import new_id
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from machine_memory.sql.base import Fence
+
+
+def run(name: str, *args: str, **options: Any) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command(name, *args, stdout=out, stderr=err, **options)
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def routed(alias: str) -> Iterator[str]:
+    """MACHINE_MEMORY['DATABASE'] pointed at the alias under test."""
+    with override_settings(MACHINE_MEMORY={"DATABASE": alias}):
+        yield alias
+
+
+def expired_lock(alias: str, machine_id: str | None = None, ago: float = 0.0) -> str:
+    """A lock row that is expired (released), ``ago`` seconds ago by the database clock."""
+    machine_id = machine_id or new_id("purge")
+    memory = MachineMemory(using=alias)
+    assert memory.lock(machine_id)
+    assert memory.unlock(machine_id)
+    if ago:
+        MachineLock.objects.using(alias).filter(pk=machine_id).update(expires_at=StorageTime(-ago))
+    return machine_id
+
+
+def live_lock(alias: str, ttl: float = 60) -> tuple[str, MachineMemory]:
+    machine_id = new_id("live")
+    memory = MachineMemory(using=alias)
+    assert memory.lock(machine_id, ttl=ttl)
+    return machine_id, memory
+
+
+def lock_ids(alias: str, ids: list[str]) -> set[str]:
+    return set(MachineLock.objects.using(alias).filter(pk__in=ids).values_list("pk", flat=True))
+
+
+SUMMARY = re.compile(
+    r"^Purged (\d+) expired lock\(s\)( that expired at least [\d.]+ s ago)? from database "
+    r"'(\w+)' in (\d+) batch\(es\)\.\n$"
+)
+
+
+# -- purge_expired_locks -----------------------------------------------------------------
+
+
+def test_purge_expired_locks_deletes_expired_and_keeps_live(routed: str) -> None:
+    expired = [expired_lock(routed) for _ in range(5)]
+    live, holder = live_lock(routed)  # acquired last: holds the highest token
+    out, _ = run("purge_expired_locks", "--batch-size", "2")
+    match = SUMMARY.match(out)
+    assert match, out
+    deleted, database, batches = int(match[1]), match[3], int(match[4])
+    assert deleted >= 5 and batches >= 3 and database == routed
+    assert lock_ids(routed, [*expired, live]) == {live}
+    info = holder.lock_info(live)
+    assert info is not None and info.owner == holder.owner
+    assert holder.unlock(live)
+
+
+def test_purge_expired_locks_dry_run_deletes_nothing(alias: str) -> None:
+    expired = [expired_lock(alias) for _ in range(3)]
+    live_lock(alias)
+    out, _ = run("purge_expired_locks", "--dry-run", "--database", alias)
+    match = re.match(r"^Would purge (\d+) expired lock\(s\) from database '(\w+)' \(dry run", out)
+    assert match, out
+    assert int(match[1]) >= 3 and match[2] == alias
+    assert lock_ids(alias, expired) == set(expired)
+
+
+def test_purge_expired_locks_older_than(alias: str) -> None:
+    old = expired_lock(alias, ago=3600)
+    recent = expired_lock(alias, ago=5)
+    live_lock(alias)
+    out, _ = run("purge_expired_locks", "--older-than", "600", "--database", alias)
+    assert "that expired at least 600 s ago" in out
+    assert lock_ids(alias, [old, recent]) == {recent}
+
+
+def test_purge_expired_locks_keeps_the_token_high_water_row(alias: str) -> None:
+    for _ in range(2):
+        expired_lock(alias)
+    top = expired_lock(alias)  # the highest token in the table, expired
+    run("purge_expired_locks", "--database", alias)
+    remaining = lock_ids(alias, [top])
+    if dialect_for(connections[alias]).token_high_water_row:
+        assert remaining == {top}
+        # The next token is still higher than every token handed out before.
+        memory = MachineMemory(using=alias)
+        token = MachineLock.objects.using(alias).get(pk=top).token
+        fresh = new_id()
+        assert memory.lock(fresh)
+        info = memory.lock_info(fresh)
+        assert info is not None and info.token > token
+        assert memory.unlock(fresh)
+    else:
+        assert remaining == set()  # tokens come from a sequence: no row needs keeping
+
+
+def test_purge_race_a_lock_taken_again_after_selection_survives(
+    alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock re-acquired between the batch's SELECT and its DELETE is not deleted.
+
+    The selection step is wrapped: once it has returned the batch holding the target,
+    another thread (its own database connection) takes the expired lock over for real
+    before the DELETE runs.
+    """
+    target = expired_lock(alias)
+    others = [expired_lock(alias) for _ in range(3)]
+    live_lock(alias)  # the token high-water row (SQLite keeps it) is a live lock, not ours
+    taker = MachineMemory(using=alias)
+    taken: list[bool] = []
+    select = MachineLockQuerySet.next_batch
+
+    def acquire_from_another_connection() -> None:
+        try:
+            taken.append(taker.lock(target, ttl=60))
+        finally:
+            connections[alias].close()
+
+    def selection_then_takeover(self: MachineLockQuerySet, after: Any, size: int) -> list[Any]:
+        keys = select(self, after, size)
+        if target in keys and not taken:
+            thread = threading.Thread(target=acquire_from_another_connection)
+            thread.start()
+            thread.join(timeout=30)
+        return keys
+
+    monkeypatch.setattr(MachineLockQuerySet, "next_batch", selection_then_takeover)
+    out, _ = run("purge_expired_locks", "--database", alias, "--batch-size", "500")
+    assert taken == [True], "the takeover did not happen between selection and delete"
+    assert SUMMARY.match(out), out
+    assert lock_ids(alias, [target, *others]) == {target}
+    info = taker.lock_info(target)
+    assert info is not None and info.owner == taker.owner
+    assert taker.unlock(target)
+
+
+def test_purge_expired_locks_logs_batches_with_verbosity_2(alias: str) -> None:
+    for _ in range(3):
+        expired_lock(alias)
+    live_lock(alias)
+    _, err = run("purge_expired_locks", "--database", alias, "--batch-size", "1", verbosity=2)
+    assert re.search(r"INFO machine_memory_lock batch 1: deleted \d+ of 1 selected rows", err)
+    _, quiet = run("purge_expired_locks", "--database", alias, verbosity=1)
+    assert quiet == ""
+
+
+def test_purge_expired_locks_fails_with_a_command_error(alias: str) -> None:
+    down = settings.DOWN_DATABASES[alias]
+    with pytest.raises(CommandError, match=f"Purging expired locks on database '{down}' failed"):
+        run("purge_expired_locks", "--database", down)
+
+
+class ExternalLocks(LockBackend):
+    """Stands in for a lock store outside the database (Redis): only its type matters."""
+
+    def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
+        raise NotImplementedError
+
+    def release(self, machine_id: str, owner: str) -> bool:
+        raise NotImplementedError
+
+    def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def info(self, machine_id: str) -> Any:
+        raise NotImplementedError
+
+    def fence(self, machine_id: str, owner: str, token: int) -> Fence:
+        raise NotImplementedError
+
+    def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("backend", ["redis", "tests.test_commands.ExternalLocks"])
+def test_purge_expired_locks_with_locks_outside_the_database(backend: str) -> None:
+    if backend == "redis":
+        pytest.importorskip("machine_memory.locks.redis")
+    with override_settings(MACHINE_MEMORY={"LOCK_BACKEND": backend, "REDIS_CACHE": "redis"}):
+        out, _ = run("purge_expired_locks")
+    assert "which expires them itself: nothing to purge" in out, out
+    assert out.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--batch-size", "many"], "--batch-size: 'many' is not a whole number"),
+        (["--older-than", "-1"], "--older-than: must be a finite number of seconds >= 0"),
+        (["--older-than", "nan"], "--older-than: must be a finite number of seconds >= 0"),
+        (["--older-than", "soon"], "--older-than: 'soon' is not a number of seconds"),
+        (["--database", "nope"], "--database: 'nope' is not in settings.DATABASES"),
+    ],
+)
+def test_purge_expired_locks_rejects_bad_arguments(args: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=re.escape(message)):
+        run("purge_expired_locks", *args)
+
+
+# -- purge_machine_states ----------------------------------------------------------------
+
+
+def state(alias: str, status: str | None, ago: float = 0.0) -> str:
+    machine_id = new_id("state")
+    document: dict[str, Any] = {"step": 1}
+    if status is not None:
+        document["executionStatus"] = status
+    MachineMemory(using=alias).write(machine_id, document, None)
+    if ago:
+        MachineState.objects.using(alias).filter(pk=machine_id).update(updated_at=StorageTime(-ago))
+    return machine_id
+
+
+def state_ids(alias: str, ids: list[str]) -> set[str]:
+    return set(MachineState.objects.using(alias).filter(pk__in=ids).values_list("pk", flat=True))
+
+
+def test_purge_machine_states_by_status(routed: str) -> None:
+    status = f"done-{new_id()}"  # a status of this test's own
+    done = [state(routed, status) for _ in range(3)]
+    running = state(routed, "running")
+    out, _ = run("purge_machine_states", "--status", status, "--batch-size", "2")
+    assert out == (
+        f"Purged 3 machine state(s) (status {status!r}) from database {routed!r} in 2 "
+        "batch(es); states with a live lock were kept.\n"
+    )
+    assert state_ids(routed, [*done, running]) == {running}
+
+
+def test_purge_machine_states_by_status_and_age(alias: str) -> None:
+    status = f"done-{new_id()}"
+    old, recent = state(alias, status, ago=7200), state(alias, status)
+    other = state(alias, f"failed-{new_id()}", ago=7200)
+    out, _ = run(
+        "purge_machine_states", "--status", status, "--older-than", "3600", "--database", alias
+    )
+    assert out.startswith(f"Purged 1 machine state(s) (status {status!r}, not written for 3600 s)")
+    assert state_ids(alias, [old, recent, other]) == {recent, other}
+
+
+def test_purge_machine_states_several_statuses_and_dry_run(alias: str) -> None:
+    first, second = f"a-{new_id()}", f"b-{new_id()}"
+    ids = [state(alias, first), state(alias, second), state(alias, "running")]
+    out, _ = run(
+        "purge_machine_states", "--status", first, "--status", second, "--dry-run",
+        "--database", alias,
+    )  # fmt: skip
+    assert out.startswith(f"Would purge 2 machine state(s) (status {first!r} or {second!r})")
+    assert state_ids(alias, ids) == set(ids)
+    run("purge_machine_states", "--status", first, "--status", second, "--database", alias)
+    assert state_ids(alias, ids) == {ids[2]}
+
+
+def test_purge_machine_states_keeps_a_state_whose_lock_is_live(alias: str) -> None:
+    status = f"done-{new_id()}"
+    locked, free = state(alias, status), state(alias, status)
+    holder = MachineMemory(using=alias)
+    assert holder.lock(locked)
+    out, _ = run("purge_machine_states", "--status", status, "--database", alias)
+    assert out.startswith("Purged 1 machine state(s)")
+    assert state_ids(alias, [locked, free]) == {locked}
+    assert holder.unlock(locked)
+
+
+def test_purge_machine_states_race_a_state_locked_after_selection_survives(
+    alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status = f"done-{new_id()}"
+    target, other = state(alias, status), state(alias, status)
+    taker = MachineMemory(using=alias)
+    taken: list[bool] = []
+    select = MachineStateQuerySet.next_batch
+
+    def lock_from_another_connection() -> None:
+        try:
+            taken.append(taker.lock(target, ttl=60))
+        finally:
+            connections[alias].close()
+
+    def selection_then_lock(self: MachineStateQuerySet, after: Any, size: int) -> list[Any]:
+        keys = select(self, after, size)
+        if target in keys and not taken:
+            thread = threading.Thread(target=lock_from_another_connection)
+            thread.start()
+            thread.join(timeout=30)
+        return keys
+
+    monkeypatch.setattr(MachineStateQuerySet, "next_batch", selection_then_lock)
+    run("purge_machine_states", "--status", status, "--database", alias)
+    assert taken == [True]
+    assert state_ids(alias, [target, other]) == {target}
+    assert taker.unlock(target)
+
+
+def test_purge_machine_states_needs_a_filter() -> None:
+    with pytest.raises(CommandError, match="--status STATUS and/or --older-than SECONDS"):
+        run("purge_machine_states")
+
+
+def test_purge_machine_states_fails_with_a_command_error(alias: str) -> None:
+    down = settings.DOWN_DATABASES[alias]
+    with pytest.raises(CommandError, match=f"Purging machine states on database '{down}' failed"):
+        run("purge_machine_states", "--older-than", "0", "--database", down)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--older-than", "a week"], "--older-than: 'a week' is not a number of seconds"),
+        (["--older-than", "inf"], "--older-than: must be a finite number of seconds >= 0"),
+        (["--status", "done", "--batch-size", "-5"], "--batch-size: must be at least 1"),
+    ],
+)
+def test_purge_machine_states_rejects_bad_arguments(args: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=re.escape(message)):
+        run("purge_machine_states", *args)
+
+
+# -- machine_memory_inspect --------------------------------------------------------------
+
+
+def test_inspect_shows_state_metadata_and_lock(routed: str) -> None:
+    machine_id = new_id("inspect") + "/+=="
+    memory = MachineMemory(using=routed)
+    document = {"executionStatus": "running", "source": "com.orders", "items": [1, "<b>"]}
+    metadata = {"parent_subject": "parent-1"}
+    memory.write(machine_id, document, None, metadata=metadata)
+    memory.write(machine_id, {**document, "items": [1, 2]}, memory.read(machine_id), metadata)
+    assert memory.lock(machine_id, ttl=60)
+    out, _ = run("machine_memory_inspect", machine_id)
+    assert f"machine   {machine_id}\n" in out
+    assert "version   2\n" in out and "status    running\n" in out
+    assert "parent    parent-1\n" in out and "source    com.orders\n" in out
+    assert re.search(rf"lock      live, [\d.]+ s left: owner {re.escape(memory.owner)}, token", out)
+    pretty = '{\n  "executionStatus": "running",\n  "items": [\n    1,\n    2\n  ],\n'
+    assert out.endswith(f'state:\n{pretty}  "source": "com.orders"\n}}\n')
+    assert memory.unlock(machine_id)
+    out, _ = run("machine_memory_inspect", machine_id)
+    assert f"lock      expired: owner {memory.owner}" in out
+
+
+def test_inspect_json(alias: str) -> None:
+    machine_id = new_id("inspect")
+    memory = MachineMemory(using=alias)
+    memory.write(machine_id, {"n": 1, "text": "é漢"}, None)
+    out, _ = run("machine_memory_inspect", machine_id, "--json", "--database", alias)
+    report = json.loads(out)
+    assert report["machine_id"] == machine_id
+    assert report["version"] == 1 and report["state"] == {"n": 1, "text": "é漢"}
+    assert report["metadata"] == {
+        "execution_status": None,
+        "parent_id": None,
+        "initiator": None,
+        "source": None,
+    }
+    assert report["lock"] is None
+    assert memory.lock(machine_id, ttl=30)
+    lock = json.loads(run("machine_memory_inspect", machine_id, "--json", "--database", alias)[0])[
+        "lock"
+    ]
+    assert lock["status"] == "live" and lock["owner"] == memory.owner
+    assert 0 < lock["seconds_left"] <= 30
+    assert memory.unlock(machine_id)
+
+
+def test_inspect_a_lock_without_state(alias: str) -> None:
+    machine_id, holder = live_lock(alias)
+    out, _ = run("machine_memory_inspect", machine_id, "--database", alias)
+    assert "state     none\n" in out and "lock      live" in out and "state:" not in out
+    assert holder.unlock(machine_id)
+
+
+def test_inspect_unknown_machine(alias: str) -> None:
+    with pytest.raises(CommandError, match="has no state and no lock on database"):
+        run("machine_memory_inspect", new_id(), "--database", alias)
+
+
+@pytest.mark.parametrize(
+    ("machine_id", "message"),
+    [("", "non-empty"), ("x" * 513, "the limit is 512"), ("a\x00b", "NUL")],
+)
+def test_inspect_and_release_reject_bad_ids(machine_id: str, message: str) -> None:
+    for command in ("machine_memory_inspect", "machine_memory_release"):
+        with pytest.raises(CommandError, match=message):
+            run(command, machine_id)
+
+
+def test_inspect_fails_with_a_command_error(alias: str) -> None:
+    with pytest.raises(CommandError, match="Reading machine 'm' failed"):
+        run("machine_memory_inspect", "m", "--database", settings.DOWN_DATABASES[alias])
+
+
+# -- machine_memory_release --------------------------------------------------------------
+
+
+def answer(monkeypatch: pytest.MonkeyPatch, reply: str | None) -> list[str]:
+    """Answer the confirmation prompt with ``reply`` (None: no terminal); return prompts."""
+    prompts: list[str] = []
+
+    def fake_input(prompt: str = "") -> str:
+        prompts.append(prompt)
+        if reply is None:
+            raise EOFError
+        return reply
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    return prompts
+
+
+def test_release_with_yes_prints_the_holder(routed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = answer(monkeypatch, None)
+    machine_id, holder = live_lock(routed)
+    token = holder.held_token(machine_id)
+    out, _ = run("machine_memory_release", machine_id, "--yes")
+    assert out.startswith(
+        f"Released the lock on {machine_id!r} held by {holder.owner} (token {token}, acquired "
+    )
+    assert prompts == []
+    assert holder.lock_info(machine_id) is None
+    assert holder.extend(machine_id) is False
+    out, _ = run("machine_memory_release", machine_id, "-y")
+    assert out == f"Machine {machine_id!r} has no live lock: nothing to release.\n"
+
+
+@pytest.mark.parametrize("reply", ["y", "yes", "Y"])
+def test_release_asks_first(alias: str, monkeypatch: pytest.MonkeyPatch, reply: str) -> None:
+    prompts = answer(monkeypatch, reply)
+    machine_id, holder = live_lock(alias)
+    out, _ = run("machine_memory_release", machine_id, "--database", alias)
+    assert len(prompts) == 1 and holder.owner in prompts[0] and prompts[0].endswith("[y/N] ")
+    assert out.startswith(f"Released the lock on {machine_id!r} held by {holder.owner}")
+    assert holder.lock_info(machine_id) is None
+
+
+@pytest.mark.parametrize("reply", ["", "n", "no thanks"])
+def test_release_cancelled(alias: str, monkeypatch: pytest.MonkeyPatch, reply: str) -> None:
+    answer(monkeypatch, reply)
+    machine_id, holder = live_lock(alias)
+    out, _ = run("machine_memory_release", machine_id, "--database", alias)
+    assert out == "Cancelled: the lock was left alone.\n"
+    info = holder.lock_info(machine_id)
+    assert info is not None and info.owner == holder.owner
+    assert holder.unlock(machine_id)
+
+
+def test_release_without_a_terminal_needs_yes(alias: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    answer(monkeypatch, None)
+    machine_id, holder = live_lock(alias)
+    with pytest.raises(CommandError, match="pass --yes"):
+        run("machine_memory_release", machine_id, "--database", alias)
+    assert holder.lock_info(machine_id) is not None
+    assert holder.unlock(machine_id)
+
+
+def test_release_fails_with_a_command_error(alias: str) -> None:
+    with pytest.raises(CommandError, match="Force-releasing the lock on 'm' failed"):
+        run("machine_memory_release", "m", "--yes", "--database", settings.DOWN_DATABASES[alias])
+
+
+def test_release_of_an_unlocked_machine(alias: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = answer(monkeypatch, "y")
+    out, _ = run("machine_memory_release", new_id(), "--database", alias)
+    assert out.endswith("has no live lock: nothing to release.\n") and prompts == []
+
+
+def test_commands_run_from_the_command_line() -> None:
+    """Exit codes as a shell sees them: 2 for bad arguments, 1 for a CommandError.
+
+    --skip-checks: since Django 6.0 the system checks connect to every database alias, and
+    the test settings hold aliases of servers that are down on purpose.
+    """
+    import subprocess
+    import sys
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from django.core.management import execute_from_command_line; "
+        code += "execute_from_command_line(['manage.py', *sys.argv[1:], '--skip-checks'])"
+        return subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    bad = manage("purge_expired_locks", "--batch-size", "0")
+    assert bad.returncode == 2 and "must be at least 1, got 0" in bad.stderr
+    failed = manage("machine_memory_inspect", "x" * 600)
+    assert failed.returncode == 2 and "the limit is 512" in failed.stderr
+    empty = manage("purge_machine_states")
+    assert empty.returncode == 1 and "CommandError: Say which states" in empty.stderr
+
+
+def test_example_project_demo_admin_creates_a_superuser(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL")
+    }
+    env["DEMO_SQLITE_PATH"] = str(tmp_path / "demo.sqlite3")
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(root / "example_project" / "manage.py"), *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    created = manage("demo_admin")
+    assert created.returncode == 0, created.stderr
+    assert "Created the DEMO-ONLY superuser 'admin' with password 'admin'" in created.stdout
+    again = manage("demo_admin", "--password", "other")
+    assert again.returncode == 0 and "Reset the DEMO-ONLY superuser 'admin'" in again.stdout
+    check = manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; u = User.objects.get(username='admin');"
+        " print(u.is_superuser, u.check_password('other'))",
+    )
+    assert check.stdout.strip().endswith("True True"), check.stdout + check.stderr
