@@ -1,0 +1,524 @@
+"""The REST API's views: states and locks, every call through ``MachineMemory``.
+
+Concurrency rules (SPEC §2, §5):
+
+- A state's version is its ETag, ``"<version>"``. ``PUT`` creates with ``If-None-Match: *``,
+  compares and sets with ``If-Match: "<version>"`` and overwrites with ``If-Match: *``;
+  an update without a precondition is refused with 428, so no client overwrites a state
+  it has not seen by accident.
+- ``POST locks/{id}/`` acquires the lock for a new, random owner and returns a lock token
+  ``"<fencing token>.<secret>"``. The owner stored with the lock is ``"api:" +
+  sha256(secret)``, so neither the database nor ``GET`` ever holds a usable token. A
+  request with the ``Lock-Token`` header rebuilds that owner and ``adopt()``s the fencing
+  token: extend, release and fenced writes then behave exactly as in the worker that
+  called ``lock()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections, transaction
+from rest_framework import generics, status
+from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import JSONParser
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from machine_memory.conf import conf
+from machine_memory.contrib.rest_framework.errors import ApiError, exception_handler
+from machine_memory.contrib.rest_framework.permissions import permission_classes
+from machine_memory.contrib.rest_framework.serializers import (
+    LockAcquiredSerializer,
+    LockRequestSerializer,
+    LockSerializer,
+    StateSerializer,
+    StateSummarySerializer,
+    StateWriteSerializer,
+    StateWrittenSerializer,
+)
+from machine_memory.exceptions import LockError, LockLost, WriteConflict
+from machine_memory.locks.database import DatabaseLockBackend
+from machine_memory.memory import MachineMemory
+from machine_memory.models import MachineLock, MachineState
+from machine_memory.validation import MAX_ID_LENGTH, validate_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rest_framework.permissions import _SupportsHasPermission
+    from rest_framework.request import Request
+
+    from machine_memory.locks.base import LockInfo
+
+# How often If-Match: * re-reads and retries when concurrent writers keep winning.
+OVERWRITE_ATTEMPTS = 5
+# A lock token is "<fencing token>.<secret>"; fencing tokens are positive BIGINTs.
+LOCK_TOKEN = re.compile(r"([1-9][0-9]{0,18})\.([A-Za-z0-9_-]{16,128})\Z")
+MAX_TOKEN = 2**63 - 1
+# One entity tag of an If-Match / If-None-Match list (RFC 9110 §8.8.3), and its separator.
+ENTITY_TAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|\Z)')
+
+
+def owner_for(secret: str) -> str:
+    """The lock owner stored for a lock token's secret: a hash, so storage holds no token."""
+    # The secret is 256 random bits (secrets.token_urlsafe(32)): an unsalted hash of it can
+    # be neither reversed nor guessed, and the same secret always finds its owner again.
+    return "api:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _headers(version: int | None) -> dict[str, str]:
+    return {} if version is None else {"ETag": etag(version)}
+
+
+class EntityTags:
+    """A parsed If-Match / If-None-Match header: ``*`` or a list of entity tags."""
+
+    def __init__(self, header: str, name: str) -> None:
+        self.any = header.strip() == "*"
+        self.tags: list[tuple[bool, str]] = []  # (weak, opaque)
+        if self.any:
+            return
+        position = 0
+        while position < len(header):
+            match = ENTITY_TAG.match(header, position)
+            if match is None:
+                raise ApiError(
+                    400,
+                    "invalid_precondition",
+                    f'{name} must be * or a list of entity tags such as "3"; got {header!r}.',
+                )
+            self.tags.append((bool(match[1]), match[2]))
+            position = match.end()
+        if not self.tags:
+            raise ApiError(400, "invalid_precondition", f"{name} is empty.")
+
+    def matches_strongly(self, version: int) -> bool:
+        """If-Match: strong comparison, so a weak tag never matches (RFC 9110 §13.1.1)."""
+        return self.any or any(not weak and tag == str(version) for weak, tag in self.tags)
+
+    def matches_weakly(self, version: int) -> bool:
+        """If-None-Match on GET: weak comparison (RFC 9110 §13.1.2)."""
+        return self.any or any(tag == str(version) for _, tag in self.tags)
+
+
+def _precondition(request: Request, name: str) -> EntityTags | None:
+    header = request.headers.get(name)
+    return None if header is None else EntityTags(header, name)
+
+
+def _lock_token(request: Request, *, required: bool) -> tuple[int, str] | None:
+    header = request.headers.get("Lock-Token")
+    if header is None:
+        if required:
+            raise ApiError(
+                400,
+                "lock_token_required",
+                "Send the lock token that POST locks/{id}/ returned in the Lock-Token header.",
+            )
+        return None
+    match = LOCK_TOKEN.match(header.strip())
+    if match is None or int(match[1]) > MAX_TOKEN:
+        raise ApiError(
+            400, "invalid_lock_token", "Lock-Token is not a lock token that this API issued."
+        )
+    return int(match[1]), match[2]
+
+
+def _memory(
+    request: Request, machine_id: str, *, lock_token_required: bool = False
+) -> MachineMemory:
+    """A MachineMemory for this request: carrying on the caller's lock when it sent one."""
+    token = _lock_token(request, required=lock_token_required)
+    if token is None:
+        return MachineMemory()
+    fencing_token, secret = token
+    memory = MachineMemory(owner=owner_for(secret))
+    memory.adopt(machine_id, fencing_token)
+    return memory
+
+
+def _query_text(request: Request, name: str, max_length: int) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and ("\x00" in value or len(value) > max_length):
+        # PostgreSQL refuses NUL in text parameters; longer values can match nothing.
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"Query parameter {name!r} must be at most {max_length} characters, without NUL.",
+        )
+    return value
+
+
+class MachineMemoryAPIView(APIView):
+    """The API's own policies: JSON only, its permissions and its error format.
+
+    Authentication and throttling stay the project's (REST_FRAMEWORK settings).
+    """
+
+    renderer_classes = (JSONRenderer,)
+    parser_classes = (JSONParser,)
+
+    def get_permissions(self) -> list[_SupportsHasPermission]:
+        return [permission() for permission in permission_classes()]
+
+    def get_exception_handler(self) -> Callable[..., Response | None]:
+        return exception_handler
+
+    @classmethod
+    def as_view(cls, **initkwargs: Any) -> Any:
+        view = super().as_view(**initkwargs)
+        # A lock, an unlock and a write must reach the database when the response says
+        # so, and locks refuse to run inside atomic() on some databases (SPEC §2): never
+        # wrap these views in ATOMIC_REQUESTS, on any alias.
+        for alias in connections:
+            view = transaction.non_atomic_requests(using=alias)(view)
+        return view
+
+
+class MachineIdCursorPagination(CursorPagination):
+    """Pages in id order, positioned by the last id: no COUNT(*) over a large table."""
+
+    ordering = "machine_id"
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class StateListView(MachineMemoryAPIView, generics.ListAPIView[MachineState]):
+    """States in id order, without their documents; filter by status, source, parent, prefix."""
+
+    serializer_class = StateSummarySerializer
+    pagination_class = MachineIdCursorPagination
+    # The project's DEFAULT_FILTER_BACKENDS (an ordering filter, say) would fight the cursor.
+    filter_backends = ()
+
+    def get_queryset(self) -> Any:
+        rows = MachineState.objects.using(conf.DATABASE).summaries()
+        execution_status = _query_text(self.request, "status", 64)
+        source = _query_text(self.request, "source", 255)
+        parent = _query_text(self.request, "parent", MAX_ID_LENGTH)
+        prefix = _query_text(self.request, "prefix", MAX_ID_LENGTH)
+        if execution_status is not None:
+            rows = rows.with_status(execution_status)
+        if source is not None:
+            rows = rows.from_source(source)
+        if parent is not None:
+            rows = rows.children_of(parent)
+        if prefix:
+            rows = rows.with_id_prefix(prefix)
+        return rows
+
+
+class StateDetailView(MachineMemoryAPIView):
+    """One state: GET (ETag), PUT (If-None-Match: * / If-Match), DELETE (If-Match)."""
+
+    def get(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        memory = MachineMemory()
+        try:
+            row = MachineState.objects.using(memory.using).find(machine_id)
+            if row is None:
+                raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.")
+            if_none_match = _precondition(request, "If-None-Match")
+            if if_none_match is not None and if_none_match.matches_weakly(row.version):
+                return Response(status=status.HTTP_304_NOT_MODIFIED, headers=_headers(row.version))
+            lock = memory.lock_info(machine_id)
+        finally:
+            memory.close()
+        body = StateSerializer(row, context={"lock": lock}).data
+        return Response(body, headers=_headers(row.version))
+
+    def put(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        body = StateWriteSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data: dict[str, Any] = body.validated_data["data"]
+        metadata: dict[str, Any] | None = body.validated_data.get("metadata")
+        if_match = _precondition(request, "If-Match")
+        if_none_match = _precondition(request, "If-None-Match")
+        if if_match is not None and if_none_match is not None:
+            raise ApiError(400, "invalid_precondition", "Send If-Match or If-None-Match, not both.")
+        if if_none_match is not None and not if_none_match.any:
+            raise ApiError(
+                400, "invalid_precondition", "PUT accepts If-None-Match: * (create) only."
+            )
+        memory = _memory(request, machine_id)
+        try:
+            if if_match is None:
+                created = self._create(memory, machine_id, data, metadata, if_none_match)
+                version = 1
+            elif if_match.any:
+                version = self._overwrite(memory, machine_id, data, metadata)
+                created = False
+            else:
+                version = self._compare_and_set(memory, machine_id, data, metadata, if_match)
+                created = False
+        finally:
+            memory.close()
+        return Response(
+            StateWrittenSerializer({"id": machine_id, "version": version}).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            headers=_headers(version),
+        )
+
+    @staticmethod
+    def _create(
+        memory: MachineMemory,
+        machine_id: str,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None,
+        if_none_match: EntityTags | None,
+    ) -> bool:
+        try:
+            memory.write(machine_id, data, None, metadata)
+        except LockLost:
+            raise
+        except WriteConflict as exc:
+            if if_none_match is not None:
+                raise ApiError(
+                    412,
+                    "precondition_failed",
+                    f"Machine {machine_id!r} already has a state (If-None-Match: *).",
+                    _headers(exc.actual_version),
+                ) from exc
+            raise ApiError(
+                428,
+                "precondition_required",
+                f"Machine {machine_id!r} has a state: send If-Match with its ETag to update "
+                "it, or If-Match: * to overwrite any version.",
+                _headers(exc.actual_version),
+            ) from exc
+        return True
+
+    @staticmethod
+    def _overwrite(
+        memory: MachineMemory,
+        machine_id: str,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None,
+    ) -> int:
+        # If-Match: * means "whatever version is there": read it and compare-and-set
+        # against it, again if another writer got in between (a blind UPDATE would
+        # bypass the version counter that every other client relies on).
+        for _ in range(OVERWRITE_ATTEMPTS):
+            current = memory.read(machine_id)
+            if current is None:
+                raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.")
+            version = memory.version_of(machine_id, current)
+            assert version is not None  # read() remembers what it returned
+            try:
+                memory.write(machine_id, data, current, metadata)
+            except LockLost:
+                raise
+            except WriteConflict:
+                continue
+            return version + 1
+        raise ApiError(
+            409,
+            "conflict",
+            f"Machine {machine_id!r} changed under each of {OVERWRITE_ATTEMPTS} attempts to "
+            "overwrite it; retry.",
+        )
+
+    @staticmethod
+    def _compare_and_set(
+        memory: MachineMemory,
+        machine_id: str,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None,
+        if_match: EntityTags,
+    ) -> int:
+        current = memory.read(machine_id)
+        version = None if current is None else memory.version_of(machine_id, current)
+        if current is None or version is None or not if_match.matches_strongly(version):
+            raise ApiError(
+                412,
+                "precondition_failed",
+                f"Machine {machine_id!r} is not at the version in If-Match"
+                + ("; it has no state." if current is None else f"; it is at {version}."),
+                _headers(version),
+            )
+        try:
+            memory.write(machine_id, data, current, metadata)
+        except LockLost:
+            raise
+        except WriteConflict as exc:
+            raise ApiError(
+                412,
+                "precondition_failed",
+                f"Machine {machine_id!r} was written by another client since version {version}.",
+                _headers(exc.actual_version),
+            ) from exc
+        # The compare-and-set against ``version`` succeeded: the state is now one later.
+        return version + 1
+
+    def delete(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        if_match = _precondition(request, "If-Match")
+        memory = _memory(request, machine_id)
+        try:
+            for _ in range(OVERWRITE_ATTEMPTS):
+                current = memory.read(machine_id)
+                if current is None:
+                    if if_match is not None and not if_match.any:
+                        raise ApiError(
+                            412, "precondition_failed", f"Machine {machine_id!r} has no state."
+                        )
+                    raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.")
+                version = memory.version_of(machine_id, current)
+                if if_match is not None and (
+                    version is None or not if_match.matches_strongly(version)
+                ):
+                    raise ApiError(
+                        412,
+                        "precondition_failed",
+                        f"Machine {machine_id!r} is at version {version}, not the one in If-Match.",
+                        _headers(version),
+                    )
+                try:
+                    memory.delete(machine_id, current)
+                except LockLost:
+                    raise
+                except WriteConflict as exc:
+                    if if_match is not None and not if_match.any:
+                        raise ApiError(
+                            412,
+                            "precondition_failed",
+                            f"Machine {machine_id!r} was written by another client since "
+                            f"version {version}.",
+                            _headers(exc.actual_version),
+                        ) from exc
+                    continue
+                return Response(status=status.HTTP_204_NO_CONTENT)
+        finally:
+            memory.close()
+        raise ApiError(
+            409,
+            "conflict",
+            f"Machine {machine_id!r} changed under each of {OVERWRITE_ATTEMPTS} attempts to "
+            "delete it; retry.",
+        )
+
+
+class LockListView(MachineMemoryAPIView, generics.ListAPIView[MachineLock]):
+    """Live locks in id order (database lock backend)."""
+
+    serializer_class = LockSerializer
+    pagination_class = MachineIdCursorPagination
+    filter_backends = ()
+
+    def get_queryset(self) -> Any:
+        memory = MachineMemory()
+        if not isinstance(memory.locks, DatabaseLockBackend):
+            # Other backends (Redis) can answer for one id, but have no index of all locks.
+            raise ApiError(
+                501,
+                "not_supported",
+                f"Listing locks needs the database lock backend; {type(memory.locks).__name__} "
+                "answers GET locks/{id}/ only.",
+            )
+        return MachineLock.objects.using(memory.using).live()
+
+
+class LockDetailView(MachineMemoryAPIView):
+    """One lock: GET (holder, no token), POST (acquire), PATCH (extend), DELETE (release)."""
+
+    def get(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        memory = MachineMemory()
+        try:
+            info = memory.lock_info(machine_id)
+        finally:
+            memory.close()
+        if info is None:
+            raise ApiError(404, "not_found", f"Machine {machine_id!r} has no live lock.")
+        return Response(LockSerializer({"machine_id": machine_id, **_fields(info)}).data)
+
+    def post(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        ttl = self._ttl(request)
+        secret = secrets.token_urlsafe(32)
+        memory = MachineMemory(owner=owner_for(secret))
+        try:
+            if not memory.lock(machine_id, ttl):
+                raise ApiError(
+                    409, "lock_held", f"Machine {machine_id!r} is locked by another owner."
+                )
+            token = memory.held_token(machine_id)
+            assert token is not None
+            try:
+                info = memory.lock_info(machine_id)
+            except LockError:
+                info = None  # the lock is ours all the same: hand out its token
+        finally:
+            memory.close()
+        times = _fields(info) if info is not None and info.token == token else {}
+        body = {
+            "id": machine_id,
+            "lock_token": f"{token}.{secret}",
+            "owner": memory.owner,
+            "token": token,
+            "acquired_at": times.get("acquired_at"),
+            "expires_at": times.get("expires_at"),
+        }
+        return Response(LockAcquiredSerializer(body).data, status=status.HTTP_201_CREATED)
+
+    def patch(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        ttl = self._ttl(request)
+        memory = _memory(request, machine_id, lock_token_required=True)
+        try:
+            extended = memory.extend(machine_id, ttl)
+        finally:
+            memory.close()
+        if not extended:
+            raise ApiError(
+                409,
+                "lock_not_held",
+                f"This Lock-Token does not hold the lock on {machine_id!r} (expired or taken "
+                "over); acquire it again.",
+            )
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def delete(self, request: Request, machine_id: str) -> Response:
+        machine_id = validate_id(machine_id)
+        memory = _memory(request, machine_id, lock_token_required=True)
+        try:
+            if memory.unlock(machine_id):
+                return Response(status=status.HTTP_204_NO_CONTENT)
+            # unlock() never raises: False is another owner's live lock, or a storage
+            # failure it retried and logged. One look tells which.
+            info = memory.lock_info(machine_id)
+        finally:
+            memory.close()
+        if info is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        if info.owner == memory.owner:
+            raise LockError(f"Releasing the lock on {machine_id!r} failed.")
+        raise ApiError(
+            409,
+            "lock_not_held",
+            f"Machine {machine_id!r} is locked by another owner; this Lock-Token does not "
+            "hold it. The lock was left alone.",
+        )
+
+    @staticmethod
+    def _ttl(request: Request) -> float | None:
+        body = LockRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        ttl: float | None = body.validated_data.get("ttl")
+        return ttl
+
+
+def _fields(info: LockInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
