@@ -10,6 +10,7 @@ demo runs with no setup. ``DATABASE_URL`` switches to a server::
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -134,16 +135,38 @@ DATABASES: dict[str, dict[str, Any]] = {
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# -- caches -----------------------------------------------------------------------------
+
+CACHES: dict[str, dict[str, Any]] = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+}
+
+try:
+    import django_redis  # noqa: F401
+except ImportError:
+    pass  # the demo runs without it, on database locks
+else:
+    # For locks in Redis: MACHINE_MEMORY["LOCK_BACKEND"] = "redis" below, or
+    # `manage.py machine_memory_bench --lock-backend redis`. MACHINE_MEMORY["REDIS_CACHE"]
+    # names this alias. A database number of its own: a cache.clear() on a cache sharing
+    # it would wipe the locks. Short socket timeouts, so that a Redis that stops answering
+    # fails lock() within a second instead of hanging the worker.
+    CACHES["machine_memory_locks"] = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/1"),
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
+    }
+
 # -- machine memory ---------------------------------------------------------------------
 
-# Every key, with its default value: delete the dict and nothing changes.
+# Every key, at its default value except REDIS_CACHE (read only with "redis" locks).
 MACHINE_MEMORY = {
     # Database alias holding the state rows (and the lock rows with "database" locks).
     "DATABASE": "default",
     # Where execution locks live: "database", "redis" or a dotted path to a LockBackend.
     "LOCK_BACKEND": "database",
-    # CACHES alias served by django-redis, used when LOCK_BACKEND is "redis".
-    "REDIS_CACHE": "default",
+    # CACHES alias served by django-redis, used when LOCK_BACKEND is "redis" (see CACHES).
+    "REDIS_CACHE": "machine_memory_locks",
     # Seconds a lock lives unless extended; a crashed worker's lock expires after this.
     "LOCK_TTL": 120,
     # lock(): extra attempts after a denial, and the first backoff (doubling, jittered).
@@ -156,6 +179,13 @@ MACHINE_MEMORY = {
     "MAX_STATE_BYTES": 1_048_576,
     # cleanup(): "keep" the final state (only unlock) or "delete" it.
     "CLEANUP": "keep",
+    # PostgreSQL: prepare the hot statements (None: unless DISABLE_SERVER_SIDE_CURSORS).
+    # DEMO_PREPARED_STATEMENTS=0 turns it off, to measure what a pooler costs.
+    "PREPARED_STATEMENTS": (
+        None
+        if os.environ.get("DEMO_PREPARED_STATEMENTS", "") == ""
+        else os.environ["DEMO_PREPARED_STATEMENTS"] == "1"
+    ),
 }
 
 # -- logging ----------------------------------------------------------------------------
@@ -183,3 +213,35 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+
+# -- REST API (only when its optional packages are installed) ----------------------------
+
+# pip install "django-machine-memory[drf,api-schema]" adds the API at /api/machine-memory/,
+# its OpenAPI schema at /api/schema/ and a Swagger UI at /api/docs/ whose assets are served
+# from this project (drf-spectacular-sidecar), not from a CDN. Without them the demo runs on
+# plain Django.
+if find_spec("rest_framework") is not None:
+    INSTALLED_APPS += ["rest_framework", "rest_framework.authtoken"]
+    REST_FRAMEWORK: dict[str, Any] = {
+        # Token first: an anonymous request gets 401 with "WWW-Authenticate: Token" (not a
+        # browser's Basic password prompt). Tokens: manage.py drf_create_token <user>.
+        # Sessions serve the Swagger UI after an admin login; Basic suits curl on localhost.
+        "DEFAULT_AUTHENTICATION_CLASSES": [
+            "rest_framework.authentication.TokenAuthentication",
+            "rest_framework.authentication.SessionAuthentication",
+            "rest_framework.authentication.BasicAuthentication",
+        ],
+    }
+    if find_spec("drf_spectacular") is not None and find_spec("drf_spectacular_sidecar"):
+        INSTALLED_APPS += ["drf_spectacular", "drf_spectacular_sidecar"]
+        REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
+        SPECTACULAR_SETTINGS = {
+            "TITLE": "django-machine-memory demo",
+            "DESCRIPTION": "States and locks of the machine memory, with ETags and lock tokens.",
+            "VERSION": "1",
+            "SERVE_INCLUDE_SCHEMA": False,
+            # The UI's JavaScript and CSS from this project's static files.
+            "SWAGGER_UI_DIST": "SIDECAR",
+            "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+            "REDOC_DIST": "SIDECAR",
+        }
