@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,30 +23,16 @@ from machine_memory.bench import (
 )
 from machine_memory.conf import conf
 from machine_memory.exceptions import MachineMemoryError
+from machine_memory.management.arguments import (
+    database_alias,
+    logging_for,
+    non_negative_int,
+    positive_int,
+)
 from machine_memory.sql.cursor import cursor_for
 
 if TYPE_CHECKING:
     from machine_memory.memory import MachineMemory
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
 
 
 class Progress:
@@ -84,41 +68,49 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--database", default=None, help="Database alias (MACHINE_MEMORY).")
+        parser.add_argument(
+            "--database",
+            type=database_alias,
+            default=None,
+            help="Database alias. Default: MACHINE_MEMORY['DATABASE'].",
+        )
         parser.add_argument("--lock-backend", default=None, help="Lock backend (MACHINE_MEMORY).")
-        parser.add_argument("--cycles", type=positive, default=5000, help="Cycles per run.")
+        parser.add_argument("--cycles", type=positive_int, default=5000, help="Cycles per run.")
         parser.add_argument(
             "--machines",
-            type=positive,
+            type=positive_int,
             default=None,
             help="Machine ids per worker (default 1000), or shared ids with --contention "
             "(default 4).",
         )
-        parser.add_argument("--workers", type=positive, default=1, help="Worker processes.")
+        parser.add_argument("--workers", type=positive_int, default=1, help="Worker processes.")
         parser.add_argument(
             "--contention",
             action="store_true",
             help="All workers on the same few ids: throughput, denials, lost-update check.",
         )
-        parser.add_argument("--runs", type=positive, default=3, help="Runs; the median counts.")
+        parser.add_argument("--runs", type=positive_int, default=3, help="Runs; the median counts.")
         parser.add_argument("--no-raw", action="store_true", help="Skip the bare-driver runs.")
         parser.add_argument(
-            "--fill-states", type=count, default=0, help="Filler state rows to add first."
+            "--fill-states",
+            type=non_negative_int,
+            default=0,
+            help="Filler state rows to add first.",
         )
         parser.add_argument(
-            "--fill-expired-locks", type=count, default=0, help="Filler expired lock rows."
+            "--fill-expired-locks",
+            type=non_negative_int,
+            default=0,
+            help="Filler expired lock rows to add first.",
         )
         parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        logging.getLogger("machine_memory").setLevel(
-            {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}.get(
-                options["verbosity"], logging.DEBUG
-            )
-        )
+        with logging_for(options["verbosity"], self.stderr):
+            self.bench(options)
+
+    def bench(self, options: dict[str, Any]) -> None:
         alias = options["database"] or conf.DATABASE
-        if alias not in connections:
-            raise CommandError(f"Unknown database alias {alias!r}; see settings.DATABASES.")
         from machine_memory.memory import MachineMemory
         from machine_memory.models import MachineLock, MachineState
 
