@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import queue
 import threading
 from collections import defaultdict
 from typing import Any
@@ -14,7 +12,7 @@ import pytest
 from machine_memory import MachineMemory
 from machine_memory.exceptions import LockLost, WriteConflict
 from tests.support import new_id
-from tests.workers import CycleReport, increment_cycles, increment_process, run_threads
+from tests.workers import CycleReport, increment_cycles, run_increment_processes, run_threads
 
 THREADS = 4
 PROCESSES = 4
@@ -67,42 +65,8 @@ def test_threads_increment_exactly_under_the_lock(alias: str) -> None:
 @pytest.mark.slow
 def test_processes_increment_exactly_under_the_lock(alias: str) -> None:
     ids = [new_id("processes") for _ in range(IDS)]
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(PROCESSES)
-    results: Any = context.Queue()
-    processes = [
-        context.Process(
-            target=increment_process,
-            args=(alias, ids, ROUNDS, index, start, results),
-            daemon=True,
-        )
-        for index in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    reports: dict[int, CycleReport] = {}
-    errors: list[str] = []
-    try:
-        while len(reports) + len(errors) < PROCESSES:
-            try:
-                status, index, payload = results.get(timeout=1)
-            except queue.Empty:
-                dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-                assert not dead, f"a worker process died without a report: {dead}"
-                continue
-            if status == "ok":
-                reports[index] = payload
-            else:
-                errors.append(payload)
-                start.abort()
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    assert not errors, "\n".join(errors)
-    assert [p.exitcode for p in processes] == [0] * PROCESSES
-    assert_exact_and_exclusive(alias, ids, list(reports.values()))
+    reports = run_increment_processes(alias, ids, ROUNDS, PROCESSES)
+    assert_exact_and_exclusive(alias, ids, reports)
 
 
 CONTENDERS = 3

@@ -8,8 +8,6 @@ outlive the counter, fencing across the two stores, a Redis that does not answer
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import queue
 import threading
 import time
 from datetime import timedelta
@@ -37,7 +35,13 @@ from machine_memory.validation import MAX_ID_LENGTH
 from tests import test_clock
 from tests.support import new_id
 from tests.test_concurrency import IDS, PROCESSES, ROUNDS, THREADS, assert_exact_and_exclusive
-from tests.workers import CycleReport, in_thread, increment_cycles, increment_process, run_threads
+from tests.workers import (
+    CycleReport,
+    in_thread,
+    increment_cycles,
+    run_increment_processes,
+    run_threads,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -476,42 +480,8 @@ def test_threads_increment_exactly_under_redis_locks(alias: str, redis_settings:
 @pytest.mark.slow
 def test_processes_increment_exactly_under_redis_locks(alias: str, redis_cache: str) -> None:
     ids = [new_id("processes") for _ in range(IDS)]
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(PROCESSES)
-    results: Any = context.Queue()
-    processes = [
-        context.Process(
-            target=increment_process,
-            args=(alias, ids, ROUNDS, index, start, results, WORKER_BACKEND),
-            daemon=True,
-        )
-        for index in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    reports: dict[int, CycleReport] = {}
-    errors: list[str] = []
-    try:
-        while len(reports) + len(errors) < PROCESSES:
-            try:
-                status, index, payload = results.get(timeout=1)
-            except queue.Empty:
-                dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-                assert not dead, f"a worker process died without a report: {dead}"
-                continue
-            if status == "ok":
-                reports[index] = payload
-            else:
-                errors.append(payload)
-                start.abort()
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    assert not errors, "\n".join(errors)
-    assert [p.exitcode for p in processes] == [0] * PROCESSES
-    assert_exact_and_exclusive(alias, ids, list(reports.values()))
+    reports = run_increment_processes(alias, ids, ROUNDS, PROCESSES, WORKER_BACKEND)
+    assert_exact_and_exclusive(alias, ids, reports)
 
 
 # -- faults ------------------------------------------------------------------------------------

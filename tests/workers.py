@@ -7,6 +7,7 @@ point is a module-level function so that the "spawn" start method can import it.
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import time
@@ -112,6 +113,51 @@ def increment_process(
             connections.close_all()
     except BaseException:
         results.put(("error", index, traceback.format_exc()))
+
+
+def run_increment_processes(
+    alias: str, ids: list[str], rounds: int, count: int, lock_backend: str | None = None
+) -> list[CycleReport]:
+    """Run ``increment_process`` in ``count`` spawned processes started together.
+
+    Fails the test if a worker reports an error, dies without a report, or exits non-zero.
+    """
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(count)
+    results: Any = context.Queue()
+    processes = [
+        context.Process(
+            target=increment_process,
+            args=(alias, ids, rounds, index, start, results, lock_backend),
+            daemon=True,
+        )
+        for index in range(count)
+    ]
+    for process in processes:
+        process.start()
+    reports: dict[int, CycleReport] = {}
+    errors: list[str] = []
+    try:
+        while len(reports) + len(errors) < count:
+            try:
+                status, index, payload = results.get(timeout=1)
+            except queue.Empty:
+                dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                assert not dead, f"a worker process died without a report: {dead}"
+                continue
+            if status == "ok":
+                reports[index] = payload
+            else:
+                errors.append(payload)
+                start.abort()
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert not errors, "\n".join(errors)
+    assert [p.exitcode for p in processes] == [0] * count
+    return list(reports.values())
 
 
 class ThreadRun(Generic[T]):
