@@ -66,6 +66,16 @@ def database_alias(text: str) -> str:
     return text
 
 
+def add_database_argument(parser: argparse.ArgumentParser) -> None:
+    """``--database ALIAS``, as every command of this app takes it."""
+    parser.add_argument(
+        "--database",
+        type=database_alias,
+        default=None,
+        help="Database alias. Default: MACHINE_MEMORY['DATABASE'].",
+    )
+
+
 @contextmanager
 def logging_for(verbosity: int, stream: OutputWrapper) -> Iterator[None]:
     """Map ``-v`` to the ``machine_memory`` logger's level, printing to ``stream``."""

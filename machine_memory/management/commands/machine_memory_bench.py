@@ -24,7 +24,7 @@ from machine_memory.bench import (
 from machine_memory.conf import conf
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.management.arguments import (
-    database_alias,
+    add_database_argument,
     logging_for,
     non_negative_int,
     positive_int,
@@ -68,12 +68,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default=None,
-            help="Database alias. Default: MACHINE_MEMORY['DATABASE'].",
-        )
+        add_database_argument(parser)
         parser.add_argument("--lock-backend", default=None, help="Lock backend (MACHINE_MEMORY).")
         parser.add_argument("--cycles", type=positive_int, default=5000, help="Cycles per run.")
         parser.add_argument(

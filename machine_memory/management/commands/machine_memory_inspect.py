@@ -11,7 +11,11 @@ from django.db import DatabaseError
 from machine_memory.conf import conf
 from machine_memory.exceptions import LockError
 from machine_memory.locks.database import DatabaseLockBackend
-from machine_memory.management.arguments import database_alias, logging_for, machine_id
+from machine_memory.management.arguments import (
+    add_database_argument,
+    logging_for,
+    machine_id,
+)
 from machine_memory.memory import MachineMemory
 from machine_memory.models import MachineLock, MachineState
 
@@ -33,12 +37,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--json", action="store_true", help="Print one JSON object instead of text."
         )
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default=None,
-            help="Database alias. Default: MACHINE_MEMORY['DATABASE'].",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         alias: str = options["database"] or conf.DATABASE

@@ -8,7 +8,11 @@ from django.core.management.base import BaseCommand, CommandError
 
 from machine_memory.conf import conf
 from machine_memory.exceptions import LockError
-from machine_memory.management.arguments import database_alias, logging_for, machine_id
+from machine_memory.management.arguments import (
+    add_database_argument,
+    logging_for,
+    machine_id,
+)
 from machine_memory.memory import MachineMemory
 
 if TYPE_CHECKING:
@@ -33,12 +37,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--yes", "-y", action="store_true", help="Release without asking for confirmation."
         )
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default=None,
-            help="Database alias. Default: MACHINE_MEMORY['DATABASE'].",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         alias: str = options["database"] or conf.DATABASE

@@ -10,7 +10,7 @@ from django.db import DatabaseError
 from machine_memory.conf import conf
 from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.management.arguments import (
-    database_alias,
+    add_database_argument,
     logging_for,
     positive_int,
     seconds,
@@ -47,12 +47,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="Count what would be deleted; delete nothing."
         )
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default=None,
-            help="Database alias. Default: MACHINE_MEMORY['DATABASE'].",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         alias: str = options["database"] or conf.DATABASE
