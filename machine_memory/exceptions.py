@@ -1,7 +1,8 @@
 """Exceptions raised by the machine memory.
 
 Every error raised by ``read``, ``write`` and ``lock`` means that nothing was changed in
-storage: the Arvo orchestrator treats a raised error as "redeliver the event later".
+storage (the Arvo orchestrator redelivers the event later), with one deliberate exception:
+``WriteOutcomeUnknown``. See docs/contract.md#exceptions.
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ class WriteConflict(WriteError):
 
 class LockLost(WriteConflict):
     """This instance's lock on the id was taken over by another owner since it was acquired."""
+
+
+class WriteOutcomeUnknown(MachineMemoryError):
+    """The connection died mid-write and the outcome could not be settled afterwards.
+
+    Deliberately not a ``WriteError``: the write may have been stored. Read the state again
+    before deciding what to do (docs/contract.md#write).
+    """
+
+    def __init__(self, machine_id: str, message: str) -> None:
+        self.id = machine_id
+        super().__init__(message)
 
 
 class LockError(MachineMemoryError):
