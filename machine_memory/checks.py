@@ -6,68 +6,18 @@ add their own messages through ``LockBackend.check()``.
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
-from machine_memory.conf import DEFAULTS, conf
+from machine_memory.conf import DEFAULTS, RULES, conf
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 SUPPORTED_VENDORS = ("postgresql", "mysql", "sqlite")
-
-Rule = Callable[[Any], bool]
-
-
-def _number(value: Any, *, positive: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return value > 0 if positive else value >= 0
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# key -> (check id, rule, what the value must be)
-VALUE_RULES: dict[str, tuple[str, Rule, str]] = {
-    "DATABASE": (
-        "E003",
-        lambda v: isinstance(v, str) and v in settings.DATABASES,
-        "an alias from settings.DATABASES",
-    ),
-    "LOCK_TTL": (
-        "E005",
-        lambda v: (
-            (isinstance(v, datetime.timedelta) and v.total_seconds() > 0)
-            or _number(v, positive=True)
-        ),
-        "a positive number of seconds or a timedelta",
-    ),
-    "LOCK_RETRIES": ("E006", _count, "a non-negative int"),
-    "LOCK_BACKOFF": (
-        "E007",
-        lambda v: _number(v, positive=False),
-        "a non-negative number of seconds",
-    ),
-    "READ_RETRIES": ("E008", _count, "a non-negative int"),
-    "READ_BACKOFF": (
-        "E009",
-        lambda v: _number(v, positive=False),
-        "a non-negative number of seconds",
-    ),
-    "MAX_STATE_BYTES": ("E010", lambda v: _count(v) and v > 0, "a positive int"),
-    "CLEANUP": ("E011", lambda v: v in ("keep", "delete"), '"keep" or "delete"'),
-    "REDIS_CACHE": ("E012", lambda v: isinstance(v, str) and bool(v), "a CACHES alias"),
-    "PREPARED_STATEMENTS": (
-        "E014",
-        lambda v: v is None or isinstance(v, bool),
-        "True, False or None",
-    ),
-    "ADMIN_READONLY": ("E016", lambda v: isinstance(v, bool), "True or False"),
-}
 
 
 @register(Tags.compatibility)
@@ -90,16 +40,18 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 id="machine_memory.E002",
             )
         )
-    for key, (check_id, rule, expected) in VALUE_RULES.items():
-        if key in raw and not rule(raw[key]):
+    for key, rule in RULES.items():
+        if key in raw and not rule.valid(raw[key]):
             messages.append(
                 Error(
                     f"MACHINE_MEMORY[{key!r}] is {raw[key]!r}.",
-                    hint=f"Set it to {expected}, or remove it for the default {DEFAULTS[key]!r}.",
-                    id=f"machine_memory.{check_id}",
+                    hint=f"Set it to {rule.expected}, or remove it for the default "
+                    f"{rule.default!r}.",
+                    id=f"machine_memory.{rule.check_id}",
                 )
             )
-    messages += _check_api_permission_classes(raw)
+    if not any(message.id == "machine_memory.E015" for message in messages):
+        messages += _check_api_permission_classes(raw)
     if any(message.id == "machine_memory.E003" for message in messages):
         return messages
     messages += _check_database(conf.DATABASE)
@@ -137,6 +89,8 @@ def _check_lock_backend(raw: dict[str, Any]) -> list[CheckMessage]:
     from machine_memory.locks import backend_class
 
     name = raw.get("LOCK_BACKEND", DEFAULTS["LOCK_BACKEND"])
+    if not RULES["LOCK_BACKEND"].valid(name):
+        return []  # reported with the other values
     try:
         cls = backend_class(name)
     except (ImportError, TypeError, ValueError) as exc:
@@ -193,7 +147,7 @@ def _check_api_permission_classes(raw: dict[str, Any]) -> list[CheckMessage]:
 def _check_lock_window(raw: dict[str, Any]) -> list[CheckMessage]:
     retries = raw.get("LOCK_RETRIES", DEFAULTS["LOCK_RETRIES"])
     backoff = raw.get("LOCK_BACKOFF", DEFAULTS["LOCK_BACKOFF"])
-    if not (_count(retries) and _number(backoff, positive=False)):
+    if not (RULES["LOCK_RETRIES"].valid(retries) and RULES["LOCK_BACKOFF"].valid(backoff)):
         return []  # already reported above
     window = sum(backoff * 2**attempt for attempt in range(retries)) * 1.1
     if window < 1.0:

@@ -15,12 +15,9 @@ implement ``make_memory()``; every ``test_*`` method then runs against your memo
 from __future__ import annotations
 
 import asyncio
-import datetime
-import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from machine_memory.exceptions import (
@@ -30,148 +27,32 @@ from machine_memory.exceptions import (
     LockNotAcquired,
     WriteConflict,
 )
-from machine_memory.locks.base import LockInfo
-from machine_memory.memory import BaseMachineMemory
+from machine_memory.locks.memory import InMemoryLockBackend
+from machine_memory.memory import MachineMemory
+from machine_memory.stores.memory import InMemoryStateStore, SimpleStore
 from machine_memory.validation import MAX_ID_LENGTH
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from machine_memory.sql.base import Metadata
-
 __all__ = ["MachineMemoryConformance", "SimpleMachineMemory", "SimpleStore"]
 
 
-@dataclass
-class _Lock:
-    owner: str
-    token: int
-    acquired_at: datetime.datetime
-    expires: float  # time.monotonic() deadline; the wall clock plays no part in decisions
-
-
-@dataclass
-class SimpleStore:
-    """The shared "database" of a group of SimpleMachineMemory instances."""
-
-    states: dict[str, tuple[str, int, Metadata]] = field(default_factory=dict)
-    locks: dict[str, _Lock] = field(default_factory=dict)
-    last_token: int = 0
-    mutex: threading.Lock = field(default_factory=threading.Lock)
-
-
-class SimpleMachineMemory(BaseMachineMemory):
-    """In-process machine memory with the full contract; thread-safe."""
+class SimpleMachineMemory(MachineMemory):
+    """``MachineMemory`` over an in-memory store and in-memory locks; thread-safe."""
 
     def __init__(self, store: SimpleStore | None = None, **options: Any) -> None:
-        super().__init__(**options)
-        self.store = SimpleStore() if store is None else store
+        shared = SimpleStore() if store is None else store
+        super().__init__(
+            store=InMemoryStateStore(shared),
+            lock_backend=InMemoryLockBackend(shared=shared),
+            **options,
+        )
+        self.shared = shared
 
     def peer(self, **options: Any) -> SimpleMachineMemory:
         """Another worker (another owner) on the same store."""
-        return SimpleMachineMemory(store=self.store, **options)
-
-    def _live(self, machine_id: str) -> _Lock | None:
-        held = self.store.locks.get(machine_id)
-        return held if held is not None and held.expires > time.monotonic() else None
-
-    def _load(self, machine_id: str) -> tuple[Any, int, Metadata] | None:
-        with self.store.mutex:
-            return self.store.states.get(machine_id)
-
-    def _fenced_out(self, machine_id: str, token: int | None) -> bool:
-        if token is None:
-            return False
-        held = self.store.locks.get(machine_id)
-        return held is None or held.token != token
-
-    def _store(
-        self,
-        machine_id: str,
-        text: str,
-        expected_version: int | None,
-        meta: Metadata | None,
-        token: int | None,
-    ) -> bool:
-        with self.store.mutex:
-            if self._fenced_out(machine_id, token):
-                return False
-            row = self.store.states.get(machine_id)
-            if expected_version is None:
-                if row is not None or meta is None:
-                    return False
-                self.store.states[machine_id] = (text, 1, meta)
-                return True
-            if row is None or row[1] != expected_version:
-                return False
-            self.store.states[machine_id] = (text, expected_version + 1, meta or row[2])
-            return True
-
-    def _remove(self, machine_id: str, expected_version: int, token: int | None) -> bool:
-        with self.store.mutex:
-            row = self.store.states.get(machine_id)
-            if self._fenced_out(machine_id, token) or row is None or row[1] != expected_version:
-                return False
-            del self.store.states[machine_id]
-            return True
-
-    def _lock_lost(self, machine_id: str, token: int) -> bool:
-        with self.store.mutex:
-            return self._fenced_out(machine_id, token)
-
-    def _acquire(self, machine_id: str, ttl: float) -> int | None:
-        with self.store.mutex:
-            if self._live(machine_id) is not None:
-                return None
-            self.store.last_token += 1
-            self.store.locks[machine_id] = _Lock(
-                self.owner,
-                self.store.last_token,
-                datetime.datetime.now(datetime.UTC),
-                time.monotonic() + ttl,
-            )
-            return self.store.last_token
-
-    def _release(self, machine_id: str) -> bool:
-        with self.store.mutex:
-            held = self._live(machine_id)
-            if held is None:
-                return True
-            if held.owner != self.owner:
-                return False
-            held.expires = time.monotonic()  # keep the row, like the database backend
-            return True
-
-    def _extend(self, machine_id: str, token: int, ttl: float) -> bool:
-        with self.store.mutex:
-            held = self._live(machine_id)
-            if held is None or held.owner != self.owner or held.token != token:
-                return False
-            held.expires = time.monotonic() + ttl
-            return True
-
-    def _lock_info(self, machine_id: str) -> LockInfo | None:
-        with self.store.mutex:
-            held = self._live(machine_id)
-            if held is None:
-                return None
-            remaining = datetime.timedelta(seconds=held.expires - time.monotonic())
-            return LockInfo(
-                held.owner,
-                held.token,
-                held.acquired_at,
-                datetime.datetime.now(datetime.UTC) + remaining,
-            )
-
-    def _force_release(self, machine_id: str) -> LockInfo | None:
-        with self.store.mutex:
-            held = self._live(machine_id)
-            if held is None:
-                return None
-            held.expires = time.monotonic()  # keep the row, like the database backend
-            return LockInfo(
-                held.owner, held.token, held.acquired_at, datetime.datetime.now(datetime.UTC)
-            )
+        return SimpleMachineMemory(store=self.shared, **options)
 
 
 @contextmanager
@@ -186,7 +67,7 @@ def _raises(*kinds: type[BaseException]) -> Iterator[list[BaseException]]:
 
 
 class MachineMemoryConformance:
-    """The SPEC §2 contract as tests; subclass and implement ``make_memory``.
+    """The contract (docs/contract.md) as tests; subclass and implement ``make_memory``.
 
     ``make_memory`` must return a new instance (a new owner) on every call, all sharing
     one storage, so that two calls behave like two workers.
@@ -195,7 +76,7 @@ class MachineMemoryConformance:
     # A TTL short enough to wait out in a test, long enough for a round trip.
     short_ttl = 0.3
 
-    def make_memory(self, **options: Any) -> BaseMachineMemory:
+    def make_memory(self, **options: Any) -> MachineMemory:
         raise NotImplementedError
 
     def new_id(self) -> str:
@@ -347,14 +228,14 @@ class MachineMemoryConformance:
         holder, waiter, machine_id = self.make_memory(), self.make_memory(), self.new_id()
         assert holder.lock(machine_id)
         attempts = 0
-        acquire = waiter._acquire
+        acquire = waiter.locks.acquire
 
         def counting(*args: Any) -> int | None:
             nonlocal attempts
             attempts += 1
             return acquire(*args)
 
-        waiter._acquire = counting  # type: ignore[method-assign,assignment]
+        waiter.locks.acquire = counting  # type: ignore[method-assign,assignment]
         started = time.monotonic()
         assert waiter.lock(machine_id) is False
         elapsed = time.monotonic() - started

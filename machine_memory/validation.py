@@ -1,7 +1,8 @@
-"""Input validation shared by every memory implementation (database and in-process).
+"""Input validation, the same for every store and lock backend.
 
-Everything here runs before storage is touched, so a bad id or state raises a specific
-``ValueError`` subclass and nothing is written.
+Everything here runs before storage is touched, so a bad argument raises
+``InvalidMachineId`` / ``InvalidState`` / ``ValueError`` and nothing is written
+(docs/contract.md#bad-arguments).
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 from machine_memory.exceptions import InvalidMachineId, InvalidState
 
 MAX_ID_LENGTH = 512
+MAX_OWNER_LENGTH = 255
+# States nest at most this deep (containers within containers). Deeper documents are
+# refused on every database alike, well before any JSON parser's or server's own limit.
+MAX_STATE_DEPTH = 256
+
+# (execution_status, parent_id, initiator, source): the metadata columns of a state.
+Metadata = tuple[str | None, str | None, str | None, str | None]
 
 # Column sizes of the metadata columns (models.MachineState); derived values are cut to fit.
 METADATA_LENGTHS = {
@@ -56,21 +64,45 @@ def validate_id(machine_id: object) -> str:
         raise InvalidMachineId(
             f"Machine id is {len(machine_id)} characters long; the limit is {MAX_ID_LENGTH}."
         )
-    if "\x00" in machine_id:
-        raise InvalidMachineId("Machine id must not contain NUL characters.")
-    if not machine_id.isascii():
-        try:
-            machine_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidMachineId(
-                "Machine id contains unpaired surrogates and cannot be stored as UTF-8."
-            ) from None
+    problem = _text_problem(machine_id)
+    if problem:
+        raise InvalidMachineId(f"Machine id {problem}.")
     return machine_id
 
 
-def _check_keys(value: Any) -> None:
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as a string column on every database, or None."""
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains unpaired surrogates and cannot be stored as UTF-8"
+    return None
+
+
+def validate_owner(owner: object) -> str:
+    """A lock owner: a non-empty str of at most 255 characters that every storage keeps."""
+    if not isinstance(owner, str) or not 0 < len(owner) <= MAX_OWNER_LENGTH:
+        raise ValueError(
+            f"owner must be a non-empty str of at most {MAX_OWNER_LENGTH} characters; "
+            f"got {owner!r:.80}."
+        )
+    problem = _text_problem(owner)
+    if problem:
+        raise ValueError(f"owner {problem}.")
+    return str.__str__(owner)
+
+
+def _check_keys(value: Any, depth: int = 1) -> None:
     # json.dumps silently turns int/float/bool/None keys into strings, so a state written as
     # {1: "a"} would read back as {"1": "a"}: refuse it instead, at any depth.
+    if depth > MAX_STATE_DEPTH:
+        raise InvalidState(
+            f"State is nested too deeply: more than {MAX_STATE_DEPTH} levels of objects and "
+            "arrays. Flatten it."
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             # str subclasses (StrEnum members) are fine: json writes their str value.
@@ -80,11 +112,11 @@ def _check_keys(value: Any) -> None:
                     f"{key!r}. Convert keys to strings before writing."
                 )
             if isinstance(item, dict | list | tuple):
-                _check_keys(item)
+                _check_keys(item, depth + 1)
     elif isinstance(value, list | tuple):
         for item in value:
             if isinstance(item, dict | list | tuple):
-                _check_keys(item)
+                _check_keys(item, depth + 1)
 
 
 def encode_state(data: object, max_bytes: int) -> str:
@@ -142,7 +174,7 @@ def decode_state(stored: Any) -> dict[str, Any]:
 
 def resolve_metadata(
     data: Mapping[str, Any], metadata: Mapping[str, Any] | None, machine_id: str
-) -> tuple[str | None, str | None, str | None, str | None]:
+) -> Metadata:
     """Return (execution_status, parent_id, initiator, source) for the metadata columns."""
     values: dict[str, str | None] = dict.fromkeys(METADATA_LENGTHS)
     for key, column in DOCUMENT_KEYS.items():
@@ -170,10 +202,15 @@ def resolve_metadata(
             item = metadata[key]
             if item is not None and not isinstance(item, str):
                 raise InvalidState(f"metadata[{key!r}] must be a str or None.")
-            if item is not None and len(item) > METADATA_LENGTHS[column]:
-                raise InvalidState(
-                    f"metadata[{key!r}] is longer than {METADATA_LENGTHS[column]} characters."
-                )
+            if item is not None:
+                if len(item) > METADATA_LENGTHS[column]:
+                    raise InvalidState(
+                        f"metadata[{key!r}] is longer than {METADATA_LENGTHS[column]} characters."
+                    )
+                problem = _text_problem(item)
+                if problem:
+                    raise InvalidState(f"metadata[{key!r}] {problem}.")
+                item = str.__str__(item)
             values[column] = item
     return (
         values["execution_status"],

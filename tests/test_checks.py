@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import connections
 from django.db.backends.dummy.base import DatabaseWrapper as DummyDatabaseWrapper
@@ -395,9 +396,11 @@ def test_machine_memory_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
 def test_machine_memory_rejects_an_unknown_alias() -> None:
     with pytest.raises(MachineMemoryError, match="nope"):
         MachineMemory(using="nope")
+    # A wrong setting is the configuration's fault: Django's exception for that, with the
+    # id of the system check that reports it.
     with (
         override_settings(MACHINE_MEMORY={"DATABASE": "nope"}),
-        pytest.raises(MachineMemoryError, match="DATABASE"),
+        pytest.raises(ImproperlyConfigured, match=r"DATABASE.*machine_memory\.E003"),
     ):
         MachineMemory()
 

@@ -313,13 +313,14 @@ def test_takeover_is_caught_in_redis_before_the_database(
     time.sleep(SHORT_TTL + 0.1)
     assert second.lock(mid)
     statements: list[Any] = []
-    real_update = first.dialect.update_state
+    dialect = first.store.dialect  # type: ignore[attr-defined]
+    real_update = dialect.update_state
 
     def update_state(*args: Any) -> bool:
         statements.append(args)
         return real_update(*args)
 
-    monkeypatch.setattr(first.dialect, "update_state", update_state)
+    monkeypatch.setattr(dialect, "update_state", update_state)
     with pytest.raises(LockLost, match="another owner acquired it since") as raised:
         first.write(mid, {"by": "first"}, first.read(mid))
     assert raised.value.id == mid

@@ -1,8 +1,8 @@
-"""The small interface every lock backend implements.
+"""The small interface every lock backend implements, and the lock concepts it hands out.
 
-A backend makes one attempt per call and raises its storage's own errors (listed in
-``errors``); retries, backoff and the mapping to ``LockError`` live in ``MachineMemory``,
-so every backend gets the same contract.
+A backend makes one attempt per call and raises its storage's own errors (``errors``);
+retries, backoff and the mapping to ``LockError`` live in ``MachineMemory``, so every
+backend gets the same contract (docs/contract.md#lock, docs/design.md#lock-backends).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
     from django.core.checks import CheckMessage
 
-    from machine_memory.sql.base import Fence
-
 
 @dataclass(frozen=True, slots=True)
 class LockInfo:
@@ -29,13 +27,37 @@ class LockInfo:
     expires_at: datetime.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What a state write by a lock holder must still find true, in its own statement.
+
+    ``lock_token``: the lock row of the id, in the state's own storage, still carries this
+    token (locks kept beside the states: ``LockBackend.fences_in_store``).
+    ``fence_token``: no higher fencing token has written the state row; the row then
+    records this token (locks kept elsewhere, such as Redis).
+    """
+
+    lock_token: int | None = None
+    fence_token: int | None = None
+
+
+NO_FENCE = Fence()
+
+
 class LockBackend(ABC):
     # Errors of the lock storage; MachineMemory maps them to LockError / False.
     errors: ClassVar[tuple[type[BaseException], ...]] = ()
     # The subset worth a retry on a fresh connection (lost connection, timeout, deadlock).
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    # Capabilities that the admin, the API and the commands ask for instead of the class:
+    # whether every live lock can be listed (MachineLock rows), and force_release().
+    supports_listing: ClassVar[bool] = False
+    supports_force_release: ClassVar[bool] = False
+    # Whether fence() returns Fence(lock_token=...), which the state store checks against
+    # lock rows in its own storage: the store must then share that storage.
+    fences_in_store: ClassVar[bool] = False
 
-    def __init__(self, *, database: str) -> None:
+    def __init__(self, *, database: str | None) -> None:
         self.database = database
 
     @classmethod
@@ -81,6 +103,16 @@ class LockBackend(ABC):
 
     def recover(self) -> None:
         """Drop a connection that failed with a transient error, so the next call reconnects."""
+
+    def end_lost_session(self) -> bool:
+        """After a transient failure: make sure the failed call cannot still take effect.
+
+        Reconnects, and where the storage may still be running the failed statement on a
+        session of its own (a database server), ends that session and waits until it is
+        gone. True when nothing can still change; False when that could not be confirmed.
+        """
+        self.recover()
+        return True
 
     def close(self) -> None:
         """Release connections this backend opened for itself."""

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
+from machine_memory.connection import cursor_for
 from machine_memory.exceptions import MachineMemoryError
-from machine_memory.locks.base import LockBackend, LockInfo
+from machine_memory.locks.base import Fence, LockBackend, LockInfo
 from machine_memory.sql import dialect_for
-from machine_memory.sql.base import Fence
-from machine_memory.sql.cursor import cursor_for
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -27,9 +26,18 @@ class DatabaseLockBackend(LockBackend):
         OperationalError,
         InterfaceError,
     )
+    supports_listing: ClassVar[bool] = True
+    supports_force_release: ClassVar[bool] = True
+    fences_in_store: ClassVar[bool] = True
 
-    def __init__(self, *, database: str) -> None:
+    def __init__(self, *, database: str | None) -> None:
+        if database is None:
+            raise MachineMemoryError(
+                "Database locks live beside the states in a database; this memory's states "
+                "are not in one. Pass a lock backend of the same storage."
+            )
         super().__init__(database=database)
+        self.alias = database
         self.dialect = dialect_for(connections[database])
         # Per thread, like Django's own connections: a second connection used only while the
         # caller's connection is inside transaction.atomic().
@@ -42,19 +50,19 @@ class DatabaseLockBackend(LockBackend):
         caller's atomic() block a lock must not wait for, or vanish with, the caller's
         commit, so it gets a connection of its own.
         """
-        connection = connections[self.database]
+        connection = connections[self.alias]
         if not connection.in_atomic_block:
             return connection
         if not self.dialect.side_connection_ok:
             raise MachineMemoryError(
                 f"lock(), unlock() and extend() cannot run inside transaction.atomic() on "
-                f"{connection.vendor} database {self.database!r}: the lock would commit with "
+                f"{connection.vendor} database {self.alias!r}: the lock would commit with "
                 "your transaction. Take the lock before entering atomic() and release it "
                 "after the block."
             )
         side: BaseDatabaseWrapper | None = getattr(self._local, "connection", None)
         if side is None:
-            side = connections.create_connection(self.database)
+            side = connections.create_connection(self.alias)
             self._local.connection = side
         return side
 
@@ -99,7 +107,7 @@ class DatabaseLockBackend(LockBackend):
         from machine_memory.models import MachineLock
 
         row = (
-            MachineLock.objects.using(self.database)
+            MachineLock.objects.using(self.alias)
             .live()
             .filter(machine_id=machine_id)
             .values_list("owner", "token", "acquired_at", "expires_at")
@@ -111,7 +119,7 @@ class DatabaseLockBackend(LockBackend):
         return Fence(lock_token=token)
 
     def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
-        connection = connections[self.database]
+        connection = connections[self.alias]
         with connection.wrap_database_errors:
             return self.dialect.lock_token(cursor_for(connection), machine_id) != token
 
@@ -120,9 +128,19 @@ class DatabaseLockBackend(LockBackend):
         if side is not None:
             side.close()
             self._local.connection = None
-        connection = connections[self.database]
+        connection = connections[self.alias]
         if not connection.in_atomic_block:
             connection.close()
+
+    def end_lost_session(self) -> bool:
+        from machine_memory.stores.database import end_lost_session
+
+        # The connection the failed call ran on: see connection().
+        connection = connections[self.alias]
+        side = getattr(self._local, "connection", None)
+        if connection.in_atomic_block and side is not None:
+            connection = side
+        return end_lost_session(connection)
 
     def close(self) -> None:
         side = getattr(self._local, "connection", None)

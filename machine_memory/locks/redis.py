@@ -22,13 +22,13 @@ trip (https://redis.io/docs/latest/develop/interact/programmability/eval-intro/)
 are sent by SHA (``EVALSHA``); redis-py loads one the first time a server answers
 ``NOSCRIPT`` (after a restart or ``SCRIPT FLUSH``) and retries.
 
-Fencing (SPEC §3). A write from a lock holder first checks, in one ``MGET``, that the counter
-still stands at its token, i.e. nobody acquired the lock since (``LockLost`` otherwise). The
-lock may have expired meanwhile with nobody taking it: the write is still allowed, as with
-database locks. The state row then records the token in its ``fence`` column, and the UPDATE
-matches only while ``fence <= token``, in the same statement as the version check; a holder
-whose lock was taken over between its check and its write cannot overwrite a state that a
-newer holder wrote.
+Fencing (docs/contract.md#database-and-redis-fencing). A write from a lock holder first
+checks, in one ``MGET``, that the counter still stands at its token, i.e. nobody acquired
+the lock since (``LockLost`` otherwise). The lock may have expired meanwhile with nobody
+taking it: the write is still allowed, as with database locks. The state row then records
+the token in its ``fence`` column, and the UPDATE matches only while ``fence <= token``, in
+the same statement as the version check; a holder whose lock was taken over between its
+check and its write cannot overwrite a state that a newer holder wrote.
 
 Tokens are ``max(previous + 1, Redis TIME in µs)``: strictly increasing per id like a plain
 counter, and still increasing when the counter is lost (``FLUSHDB``, which is what a
@@ -47,8 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from machine_memory.conf import DEFAULTS, conf
 from machine_memory.exceptions import LockLost, MachineMemoryError
-from machine_memory.locks.base import LockBackend, LockInfo
-from machine_memory.sql.base import Fence
+from machine_memory.locks.base import Fence, LockBackend, LockInfo
 
 if TYPE_CHECKING:
     from django.core.checks import CheckMessage
@@ -158,8 +157,10 @@ def _parse(value: bytes | str) -> tuple[int, bytes, bytes, str]:
 class RedisLockBackend(LockBackend):
     errors: ClassVar[tuple[type[BaseException], ...]] = _ERRORS
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = _TRANSIENT_ERRORS
+    # No index of every lock (SCAN would be unbounded work); force_release is one script.
+    supports_force_release: ClassVar[bool] = True
 
-    def __init__(self, *, database: str, cache: str | None = None) -> None:
+    def __init__(self, *, database: str | None, cache: str | None = None) -> None:
         super().__init__(database=database)
         self.cache = conf.REDIS_CACHE if cache is None else cache
         self.client = self._connect(self.cache)

@@ -4,16 +4,14 @@ Each hot-path operation is one statement, and each race is decided inside it: an
 that only takes an expired lock, an UPDATE whose WHERE carries the expected version and
 the fencing condition.
 
-Statements run on the driver's own DB-API cursor (see ``machine_memory.sql.cursor``): on
-SQLite, Django's cursor wrapper costs more per statement than the statement itself. They
-are written once in Django's spelling (``%s`` placeholders, ``%%`` for a percent sign),
-turned into the driver's paramstyle by ``native()`` and cached, so the hot path builds no
-SQL.
+Statements run on the driver's own DB-API cursor (``machine_memory.connection``). They are
+written once in Django's spelling (``%s`` placeholders, ``%%`` for a percent sign), turned
+into the driver's paramstyle by ``native()`` and cached, so the hot path builds no SQL.
+Vendor modules take what they need as arguments and never read the app's settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,57 +21,14 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
+    from machine_memory.locks.base import Fence
+    from machine_memory.validation import Metadata
+
 STATE_TABLE = "machine_memory_state"
 LOCK_TABLE = "machine_memory_lock"
 
-# (execution_status, parent_id, initiator, source)
-Metadata = tuple[str | None, str | None, str | None, str | None]
 # A DB-API cursor of psycopg, mysqlclient or sqlite3.
 Cursor = Any
-
-
-@dataclass(frozen=True, slots=True)
-class Fence:
-    """What a write must still find true, in the same statement as its version check.
-
-    ``lock_token``: the lock row of this id still carries this token (database locks).
-    ``fence_token``: no higher fencing token has written the state row (Redis locks); the
-    row then records this token.
-    """
-
-    lock_token: int | None = None
-    fence_token: int | None = None
-
-
-NO_FENCE = Fence()
-
-
-class RawCycle:
-    """The Arvo cycle hand-written on the bare driver: the benchmark's baseline.
-
-    What a user would write without this app, with the driver's defaults: the cheapest
-    correct statement for each of lock (upsert only if expired), read, write (insert, or
-    update only if the version is unchanged) and unlock (delete our own lock). No
-    validation, no fencing, no metadata. Each vendor module provides one.
-    """
-
-    def __init__(self, settings_params: dict[str, Any]) -> None:
-        self.params = settings_params
-
-    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
-        raise NotImplementedError
-
-    def read(self, machine_id: str) -> tuple[str, int] | None:
-        raise NotImplementedError
-
-    def write(self, machine_id: str, text: str, version: int | None) -> bool:
-        raise NotImplementedError
-
-    def unlock(self, machine_id: str, owner: str) -> bool:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
 
 
 STATE_COLUMNS = "state, version, execution_status, parent_id, initiator, source"
@@ -100,9 +55,26 @@ class Dialect:
         """Django-spelled SQL in the driver's own paramstyle (psycopg and mysqlclient: same)."""
         return sql
 
-    def new_cursor(self, connection: BaseDatabaseWrapper) -> Cursor:
-        """A DB-API cursor on Django's (connected) ``connection``, for the hot path."""
+    def new_cursor(self, connection: BaseDatabaseWrapper, *, prepare: bool) -> Cursor:
+        """A DB-API cursor on Django's (connected) ``connection``, for the hot path.
+
+        ``prepare``: whether statements may be prepared in the server session.
+        """
         return connection.connection.cursor()
+
+    def session_id(self, raw: Any) -> int | None:
+        """The server's id of the session of driver connection ``raw``, without a query;
+        None where there is no server session (SQLite)."""
+        return None
+
+    def end_session(self, cursor: Cursor, session: int, timeout: float) -> bool:
+        """End server session ``session`` from ``cursor``'s (another) session, and wait up
+        to ``timeout`` seconds until it is gone; True once it is."""
+        return True
+
+    def reserve_writes(self, cursor: Cursor) -> None:
+        """At the start of a transaction: keep other writers out until it ends, where row
+        locks (``select_for_update``) cannot (SQLite)."""
 
     def statement(self, key: Hashable, build: Callable[[], str]) -> str:
         """The native SQL for ``key``, built once."""
@@ -118,14 +90,6 @@ class Dialect:
     def check_settings(self, alias: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
         """System-check messages about a database configuration this vendor cannot use well."""
         return []
-
-    def raw_cycle(self, connection_params: dict[str, Any]) -> RawCycle:
-        """A RawCycle on a new driver connection made from Django's connection parameters."""
-        raise NotImplementedError
-
-    def fill(self, cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
-        """Insert filler rows (ids under ``prefix``) for the benchmark's scale runs."""
-        raise NotImplementedError
 
     def id_db_type(self, max_length: int | None) -> str | None:
         """Column type of machine ids; None for Django's usual CharField type."""

@@ -7,13 +7,13 @@ count means exactly "won" or "lost".
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from django.core.checks import Warning
-from django.db import OperationalError
 
 from machine_memory.exceptions import MachineMemoryError
-from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, RawCycle
+from machine_memory.sql.base import LOCK_TABLE, Dialect
 
 if TYPE_CHECKING:
     from django.core.checks import CheckMessage
@@ -23,73 +23,8 @@ if TYPE_CHECKING:
     from machine_memory.sql.base import Cursor
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
-# force_release: reads of a lock that keeps changing hands before giving up.
-FORCE_RELEASE_ATTEMPTS = 5
-
-
-class MySQLRawCycle(RawCycle):
-    def __init__(self, settings_params: dict[str, Any]) -> None:
-        import MySQLdb
-
-        super().__init__(settings_params)
-        params = dict(settings_params)
-        # Django's conversions and FOUND_ROWS flag; the baseline uses the driver's defaults
-        # (rowcount = rows changed, which these statements can use just as well).
-        params.pop("conv", None)
-        params.pop("client_flag", None)
-        self.connection = MySQLdb.connect(**params, autocommit=True)
-        self.cursor = self.connection.cursor()
-
-    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
-        micros = round(ttl * 1_000_000)
-        self.cursor.execute(
-            f"UPDATE {LOCK_TABLE} SET owner = %s, token = token + 1,"
-            " acquired_at = UTC_TIMESTAMP(6),"
-            " expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
-            " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)",
-            (owner, micros, machine_id),
-        )
-        if self.cursor.rowcount == 1:
-            return True
-        self.cursor.execute(
-            f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
-            " expires_at) VALUES (%s, %s, 1, UTC_TIMESTAMP(6),"
-            " UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)",
-            (machine_id, owner, micros),
-        )
-        return int(self.cursor.rowcount) == 1
-
-    def read(self, machine_id: str) -> tuple[str, int] | None:
-        self.cursor.execute(
-            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = %s", (machine_id,)
-        )
-        return self.cursor.fetchone()  # type: ignore[no-any-return]
-
-    def write(self, machine_id: str, text: str, version: int | None) -> bool:
-        if version is None:
-            self.cursor.execute(
-                f"INSERT IGNORE INTO {STATE_TABLE} (machine_id, state, version, fence,"
-                " created_at, updated_at)"
-                " VALUES (%s, %s, 1, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
-                (machine_id, text),
-            )
-        else:
-            self.cursor.execute(
-                f"UPDATE {STATE_TABLE} SET state = %s, version = version + 1,"
-                " updated_at = UTC_TIMESTAMP(6) WHERE machine_id = %s AND version = %s",
-                (text, machine_id, version),
-            )
-        return int(self.cursor.rowcount) == 1
-
-    def unlock(self, machine_id: str, owner: str) -> bool:
-        self.cursor.execute(
-            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
-            (machine_id, owner),
-        )
-        return int(self.cursor.rowcount) == 1
-
-    def close(self) -> None:
-        self.connection.close()
+# The server's error for KILL of a thread that no longer exists.
+ER_NO_SUCH_THREAD = 1094
 
 
 class MySQLDialect(Dialect):
@@ -155,25 +90,6 @@ class MySQLDialect(Dialect):
         if getattr(schema_editor.connection, "mysql_is_mariadb", False):
             schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
-    def raw_cycle(self, connection_params: dict[str, Any]) -> RawCycle:
-        return MySQLRawCycle(connection_params)
-
-    def fill(self, cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
-        # seq_1_to_N is a table of MariaDB's Sequence engine, made up on the fly.
-        cursor.execute(
-            f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
-            " created_at, updated_at) SELECT CONCAT(%s, seq), JSON_OBJECT('n', seq), 1, 0,"
-            f" 'done', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) FROM seq_1_to_{int(states)}",
-            (prefix,),
-        )
-        cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at, expires_at)"
-            f" SELECT CONCAT(%s, seq), 'filler', NEXTVAL({TOKEN_SEQUENCE}),"
-            " UTC_TIMESTAMP(6) - INTERVAL 2 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR"
-            f" FROM seq_1_to_{int(expired_locks)}",
-            (prefix,),
-        )
-
     def insert_if_absent_sql(self, table: str, columns: str, select: str) -> str:
         # INSERT IGNORE reports 0 rows for a duplicate key without raising. (It also turns
         # some data errors into warnings; every value here is validated beforehand.)
@@ -217,36 +133,71 @@ class MySQLDialect(Dialect):
         return None
 
     def force_release(self, cursor: Cursor, machine_id: str) -> tuple[Any, ...] | None:
-        # No UPDATE ... RETURNING here: read the live lock, then expire it only if it is
-        # still that holder's (owner and token), so a lock that changed hands in between is
-        # never reported as the one released. A changed lock is read again.
+        # No UPDATE ... RETURNING here: read the live lock under a row lock, then expire it,
+        # in one transaction, so the lock reported is the one released.
         read = self.statement(
             "force_release-read",
             lambda: (
                 f"SELECT owner, token, acquired_at, UTC_TIMESTAMP(6) FROM {LOCK_TABLE}"
-                " WHERE machine_id = %s AND expires_at > UTC_TIMESTAMP(6)"
+                " WHERE machine_id = %s AND expires_at > UTC_TIMESTAMP(6) FOR UPDATE"
             ),
         )
         expire = self.statement(
             "force_release",
-            lambda: (
-                f"UPDATE {LOCK_TABLE} SET expires_at = %s WHERE machine_id = %s"
-                " AND owner = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)"
-            ),
+            lambda: f"UPDATE {LOCK_TABLE} SET expires_at = %s WHERE machine_id = %s",
         )
-        for _ in range(FORCE_RELEASE_ATTEMPTS):
-            cursor.execute(read, (machine_id,))
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            owner, token, acquired_at, now = row
-            cursor.execute(expire, (now, machine_id, owner, token))
-            if cursor.rowcount == 1:
-                return (owner, token, acquired_at, now)
-        raise OperationalError(
-            f"The lock on {machine_id!r} changed hands {FORCE_RELEASE_ATTEMPTS} times while "
-            "it was being released; try again."
-        )
+        connection = cursor.connection
+        if not connection.get_autocommit():
+            # Already in a transaction (START TRANSACTION would commit it): join it. The
+            # lock backend runs on autocommit connections, so this is for other callers.
+            return self._expire_live(cursor, read, expire, machine_id)
+        cursor.execute("START TRANSACTION")
+        try:
+            row = self._expire_live(cursor, read, expire, machine_id)
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+        return row
+
+    @staticmethod
+    def _expire_live(
+        cursor: Cursor, read: str, expire: str, machine_id: str
+    ) -> tuple[Any, ...] | None:
+        cursor.execute(read, (machine_id,))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        owner, token, acquired_at, now = row
+        cursor.execute(expire, (now, machine_id))
+        released: tuple[Any, ...] = (owner, token, acquired_at, now)
+        return released
+
+    def session_id(self, raw: Any) -> int | None:
+        # From the handshake: no round trip.
+        return int(raw.thread_id())
+
+    def end_session(self, cursor: Cursor, session: int, timeout: float) -> bool:
+        # KILL ends the connection (and rolls back its statement) once the server gets to
+        # it; the thread stays in the process list until then.
+        # https://mariadb.com/kb/en/kill/
+        import MySQLdb
+
+        if session == cursor.connection.thread_id():
+            return True
+        try:
+            cursor.execute("KILL %s", (session,))
+        except MySQLdb.OperationalError as exc:
+            if exc.args[0] != ER_NO_SUCH_THREAD:
+                raise
+        deadline = time.monotonic() + timeout
+        while True:
+            cursor.execute("SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s", (session,))
+            if cursor.fetchone() is None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
     @staticmethod
     def _is_mariadb(cursor: Cursor) -> bool:

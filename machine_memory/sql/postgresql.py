@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from machine_memory.conf import conf
-from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, RawCycle
+from machine_memory.sql.base import LOCK_TABLE, Dialect
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -27,72 +27,6 @@ class PreparingCursor(psycopg.Cursor[Any]):
         return super().execute(query, params, prepare=True)
 
 
-def prepared_statements(connection: BaseDatabaseWrapper) -> bool:
-    """Whether the hot statements may be prepared on this connection (see new_cursor)."""
-    setting = conf.PREPARED_STATEMENTS
-    if setting is not None:
-        return bool(setting)
-    return not connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False)
-
-
-class PostgreSQLRawCycle(RawCycle):
-    def __init__(self, settings_params: dict[str, Any]) -> None:
-        import psycopg
-
-        super().__init__(settings_params)
-        params = dict(settings_params)
-        # Django's own choices (client-side binding, no preparing); the baseline uses
-        # psycopg's defaults, which prepare a statement after its fifth execution.
-        for key in ("cursor_factory", "context", "prepare_threshold"):
-            params.pop(key, None)
-        self.connection = psycopg.connect(**params, autocommit=True)
-        self.cursor = self.connection.cursor()
-
-    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
-        self.cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
-            " VALUES (%s, %s, 1, now(), now() + make_interval(secs => %s))"
-            " ON CONFLICT (machine_id) DO UPDATE SET owner = EXCLUDED.owner,"
-            " token = l.token + 1, acquired_at = EXCLUDED.acquired_at,"
-            " expires_at = EXCLUDED.expires_at WHERE l.expires_at <= now() RETURNING token",
-            (machine_id, owner, ttl),
-        )
-        return self.cursor.fetchone() is not None
-
-    def read(self, machine_id: str) -> tuple[str, int] | None:
-        self.cursor.execute(
-            f"SELECT state::text, version FROM {STATE_TABLE} WHERE machine_id = %s",
-            (machine_id,),
-        )
-        return self.cursor.fetchone()
-
-    def write(self, machine_id: str, text: str, version: int | None) -> bool:
-        if version is None:
-            self.cursor.execute(
-                f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, created_at,"
-                " updated_at) VALUES (%s, %s::jsonb, 1, 0, now(), now())"
-                " ON CONFLICT (machine_id) DO NOTHING",
-                (machine_id, text),
-            )
-        else:
-            self.cursor.execute(
-                f"UPDATE {STATE_TABLE} SET state = %s::jsonb, version = version + 1,"
-                " updated_at = now() WHERE machine_id = %s AND version = %s",
-                (text, machine_id, version),
-            )
-        return int(self.cursor.rowcount) == 1
-
-    def unlock(self, machine_id: str, owner: str) -> bool:
-        self.cursor.execute(
-            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
-            (machine_id, owner),
-        )
-        return int(self.cursor.rowcount) == 1
-
-    def close(self) -> None:
-        self.connection.close()
-
-
 class PostgreSQLDialect(Dialect):
     vendor = "postgresql"
     # now() is the start of the transaction, which inside a caller's atomic() can be long
@@ -100,15 +34,13 @@ class PostgreSQLDialect(Dialect):
     now_sql = "statement_timestamp()"
     json_placeholder = "%s::jsonb"
 
-    def new_cursor(self, connection: BaseDatabaseWrapper) -> Cursor:
+    def new_cursor(self, connection: BaseDatabaseWrapper, *, prepare: bool) -> Cursor:
         # Django's psycopg connection binds parameters client-side and never prepares, to
         # stay safe behind transaction-mode poolers. Preparing the few hot statements
         # saves their planning on every call (about as long as a round trip); it needs a
-        # server-side binding cursor and a session that lasts, so it is off where the
-        # alias says a pooler is in the way (DISABLE_SERVER_SIDE_CURSORS) or the
-        # PREPARED_STATEMENTS setting says so.
+        # server-side binding cursor and a session that lasts.
         raw = connection.connection
-        if not prepared_statements(connection):
+        if not prepare:
             return raw.cursor()
         if raw.prepare_threshold is None:
             # Django connects with prepare_threshold=None, which makes psycopg refuse even
@@ -128,25 +60,6 @@ class PostgreSQLDialect(Dialect):
 
     def ttl_param(self, seconds: float) -> Any:
         return float(seconds)
-
-    def raw_cycle(self, connection_params: dict[str, Any]) -> RawCycle:
-        return PostgreSQLRawCycle(connection_params)
-
-    def fill(self, cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
-        cursor.execute(
-            f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
-            " created_at, updated_at)"
-            " SELECT %s || n, jsonb_build_object('n', n), 1, 0, 'done', now(), now()"
-            " FROM generate_series(1, %s) AS n",
-            (prefix, states),
-        )
-        cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at, expires_at)"
-            f" SELECT %s || n, 'filler', nextval('{TOKEN_SEQUENCE}'),"
-            " now() - interval '2 hours', now() - interval '1 hour'"
-            " FROM generate_series(1, %s) AS n",
-            (prefix, expired_locks),
-        )
 
     def install(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
         # A sequence is non-transactional and never goes back, so tokens strictly increase
@@ -177,3 +90,25 @@ class PostgreSQLDialect(Dialect):
         cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
         row = cursor.fetchone()
         return None if row is None else int(row[0])
+
+    def session_id(self, raw: Any) -> int | None:
+        # From the connection's BackendKeyData: no round trip.
+        pid = raw.info.backend_pid
+        return int(pid) if pid else None
+
+    def end_session(self, cursor: Cursor, session: int, timeout: float) -> bool:
+        # pg_terminate_backend only signals; the backend is gone once pg_stat_activity no
+        # longer lists it. A same-role backend may be ended without superuser rights.
+        # https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-ADMIN-SIGNAL
+        if session == cursor.connection.info.backend_pid:
+            return True  # the pid was reused by this very connection: the old one is gone
+        cursor.execute("SELECT pg_terminate_backend(%s)", (session,))
+        cursor.fetchall()
+        deadline = time.monotonic() + timeout
+        while True:
+            cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (session,))
+            if cursor.fetchone() is None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)

@@ -21,6 +21,7 @@ from machine_memory.bench import (
     run_in_processes,
     summary,
 )
+from machine_memory.bench.baseline import fill, raw_cycle
 from machine_memory.conf import conf
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.management.arguments import (
@@ -29,7 +30,6 @@ from machine_memory.management.arguments import (
     non_negative_int,
     positive_int,
 )
-from machine_memory.sql.cursor import cursor_for
 
 if TYPE_CHECKING:
     from machine_memory.memory import MachineMemory
@@ -146,7 +146,7 @@ class Command(BaseCommand):
     # -- running ------------------------------------------------------------------------
 
     def run(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
-        alias = memory.using
+        alias = self.alias(memory)
         connection = connections[alias]
         contention = options["contention"]
         workers = options["workers"]
@@ -183,6 +183,12 @@ class Command(BaseCommand):
         return result
 
     @staticmethod
+    def alias(memory: MachineMemory) -> str:
+        # The bench always runs on a database store (--database).
+        assert memory.using is not None
+        return memory.using
+
+    @staticmethod
     def ids(prefix: str, workers: int, machines: int) -> list[str]:
         return [f"{prefix}/w{w}/m{m}" for w in range(workers) for m in range(machines)]
 
@@ -201,7 +207,7 @@ class Command(BaseCommand):
                 [
                     {
                         "kind": "raw" if raw else "memory",
-                        "database": memory.using,
+                        "database": self.alias(memory),
                         "lock_backend": options["lock_backend"],
                         "ids": ids[w * per_worker : (w + 1) * per_worker],
                         "cycles": cycles // workers,
@@ -212,8 +218,7 @@ class Command(BaseCommand):
         progress = Progress(label, cycles, sys.stderr.isatty() and not options["json"])
         try:
             if raw:
-                connection = connections[memory.using]
-                cycle = memory.dialect.raw_cycle(connection.get_connection_params())
+                cycle = raw_cycle(connections[self.alias(memory)])
                 try:
                     return raw_cycles(cycle, ids, cycles, progress)
                 finally:
@@ -237,7 +242,7 @@ class Command(BaseCommand):
                     [
                         {
                             "kind": "contention",
-                            "database": memory.using,
+                            "database": self.alias(memory),
                             "lock_backend": options["lock_backend"],
                             "ids": ids[w % machines :] + ids[: w % machines],
                             "cycles": cycles // workers,
@@ -247,7 +252,7 @@ class Command(BaseCommand):
                 )
             else:
                 timings = contended_cycles(memory, ids, cycles)
-            checker = MachineMemory(using=memory.using, lock_backend=options["lock_backend"])
+            checker = MachineMemory(using=self.alias(memory), lock_backend=options["lock_backend"])
             for machine_id in ids:
                 state = checker.read(machine_id)
                 stored = 0 if state is None else state["counter"]
@@ -256,15 +261,9 @@ class Command(BaseCommand):
         return {"memory": summary(runs), "lost_updates": lost}
 
     def fill(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
-        connection = connections[memory.using]
+        connection = connections[self.alias(memory)]
         started = time.perf_counter()
-        with connection.wrap_database_errors:
-            memory.dialect.fill(
-                cursor_for(connection),
-                f"{prefix}fill/",
-                options["fill_states"],
-                options["fill_expired_locks"],
-            )
+        fill(connection, f"{prefix}fill/", options["fill_states"], options["fill_expired_locks"])
         seconds = time.perf_counter() - started
         if not options["json"]:
             self.stderr.write(

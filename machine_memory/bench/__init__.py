@@ -2,7 +2,7 @@
 
 It runs the Arvo cycle (lock -> read -> write(new, prev) -> unlock) through
 ``MachineMemory``, then the same four operations as hand-written statements on the bare
-driver (``Dialect.raw_cycle``) against the same database, and reports both side by side.
+driver (``bench.baseline``) against the same database, and reports both side by side.
 Every id it touches starts with a prefix made for the run, and only rows under that prefix
 are ever deleted.
 """
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from machine_memory.bench.baseline import RawCycle
     from machine_memory.memory import MachineMemory
-    from machine_memory.sql.base import RawCycle
 
 OPERATIONS = ("lock", "read", "write", "unlock")
 
@@ -204,8 +204,8 @@ def worker(job: dict[str, Any]) -> Timings:
     django.setup()
     from django.db import connections
 
+    from machine_memory.bench.baseline import raw_cycle
     from machine_memory.memory import MachineMemory
-    from machine_memory.sql import dialect_for
 
     alias = job["database"]
     # Connect to the database the parent uses, which need not be the one settings name: a
@@ -215,7 +215,7 @@ def worker(job: dict[str, Any]) -> Timings:
     try:
         if job["kind"] == "raw":
             connection = connections[alias]
-            raw = dialect_for(connection).raw_cycle(connection.get_connection_params())
+            raw = raw_cycle(connection)
             try:
                 start.wait()
                 return raw_cycles(raw, job["ids"], job["cycles"])

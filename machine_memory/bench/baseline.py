@@ -1,0 +1,312 @@
+"""The baseline of the benchmark: the Arvo cycle hand-written on the bare driver.
+
+What a user would write without this app, with the driver's defaults: the cheapest
+correct statement for each of lock (upsert only if expired), read, write (insert, or
+update only if the version is unchanged) and unlock (delete our own lock). No validation,
+no fencing, no metadata. Also the filler rows of the scale runs. Benchmark code only: the
+app's own statements live in ``machine_memory.sql``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from machine_memory.sql.base import Cursor
+
+TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
+# SQLite's clock, as the app's statements write it.
+NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+class RawCycle:
+    """The four operations on a driver connection of its own."""
+
+    def __init__(self, settings_params: dict[str, Any]) -> None:
+        self.params = settings_params
+
+    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def read(self, machine_id: str) -> tuple[str, int] | None:
+        raise NotImplementedError
+
+    def write(self, machine_id: str, text: str, version: int | None) -> bool:
+        raise NotImplementedError
+
+    def unlock(self, machine_id: str, owner: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PostgreSQLRawCycle(RawCycle):
+    def __init__(self, settings_params: dict[str, Any]) -> None:
+        import psycopg
+
+        super().__init__(settings_params)
+        params = dict(settings_params)
+        # Django's own choices (client-side binding, no preparing); the baseline uses
+        # psycopg's defaults, which prepare a statement after its fifth execution.
+        for key in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(key, None)
+        self.connection = psycopg.connect(**params, autocommit=True)
+        self.cursor = self.connection.cursor()
+
+    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
+        self.cursor.execute(
+            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
+            " VALUES (%s, %s, 1, now(), now() + make_interval(secs => %s))"
+            " ON CONFLICT (machine_id) DO UPDATE SET owner = EXCLUDED.owner,"
+            " token = l.token + 1, acquired_at = EXCLUDED.acquired_at,"
+            " expires_at = EXCLUDED.expires_at WHERE l.expires_at <= now() RETURNING token",
+            (machine_id, owner, ttl),
+        )
+        return self.cursor.fetchone() is not None
+
+    def read(self, machine_id: str) -> tuple[str, int] | None:
+        self.cursor.execute(
+            f"SELECT state::text, version FROM {STATE_TABLE} WHERE machine_id = %s",
+            (machine_id,),
+        )
+        return self.cursor.fetchone()
+
+    def write(self, machine_id: str, text: str, version: int | None) -> bool:
+        if version is None:
+            self.cursor.execute(
+                f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, created_at,"
+                " updated_at) VALUES (%s, %s::jsonb, 1, 0, now(), now())"
+                " ON CONFLICT (machine_id) DO NOTHING",
+                (machine_id, text),
+            )
+        else:
+            self.cursor.execute(
+                f"UPDATE {STATE_TABLE} SET state = %s::jsonb, version = version + 1,"
+                " updated_at = now() WHERE machine_id = %s AND version = %s",
+                (text, machine_id, version),
+            )
+        return int(self.cursor.rowcount) == 1
+
+    def unlock(self, machine_id: str, owner: str) -> bool:
+        self.cursor.execute(
+            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
+            (machine_id, owner),
+        )
+        return int(self.cursor.rowcount) == 1
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class MySQLRawCycle(RawCycle):
+    def __init__(self, settings_params: dict[str, Any]) -> None:
+        import MySQLdb
+
+        super().__init__(settings_params)
+        params = dict(settings_params)
+        # Django's conversions and FOUND_ROWS flag; the baseline uses the driver's defaults
+        # (rowcount = rows changed, which these statements can use just as well).
+        params.pop("conv", None)
+        params.pop("client_flag", None)
+        self.connection = MySQLdb.connect(**params, autocommit=True)
+        self.cursor = self.connection.cursor()
+
+    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
+        micros = round(ttl * 1_000_000)
+        self.cursor.execute(
+            f"UPDATE {LOCK_TABLE} SET owner = %s, token = token + 1,"
+            " acquired_at = UTC_TIMESTAMP(6),"
+            " expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
+            " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)",
+            (owner, micros, machine_id),
+        )
+        if self.cursor.rowcount == 1:
+            return True
+        self.cursor.execute(
+            f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
+            " expires_at) VALUES (%s, %s, 1, UTC_TIMESTAMP(6),"
+            " UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)",
+            (machine_id, owner, micros),
+        )
+        return int(self.cursor.rowcount) == 1
+
+    def read(self, machine_id: str) -> tuple[str, int] | None:
+        self.cursor.execute(
+            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = %s", (machine_id,)
+        )
+        return self.cursor.fetchone()  # type: ignore[no-any-return]
+
+    def write(self, machine_id: str, text: str, version: int | None) -> bool:
+        if version is None:
+            self.cursor.execute(
+                f"INSERT IGNORE INTO {STATE_TABLE} (machine_id, state, version, fence,"
+                " created_at, updated_at)"
+                " VALUES (%s, %s, 1, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                (machine_id, text),
+            )
+        else:
+            self.cursor.execute(
+                f"UPDATE {STATE_TABLE} SET state = %s, version = version + 1,"
+                " updated_at = UTC_TIMESTAMP(6) WHERE machine_id = %s AND version = %s",
+                (text, machine_id, version),
+            )
+        return int(self.cursor.rowcount) == 1
+
+    def unlock(self, machine_id: str, owner: str) -> bool:
+        self.cursor.execute(
+            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
+            (machine_id, owner),
+        )
+        return int(self.cursor.rowcount) == 1
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class SQLiteRawCycle(RawCycle):
+    def __init__(self, settings_params: dict[str, Any]) -> None:
+        import sqlite3
+
+        super().__init__(settings_params)
+        self.connection = sqlite3.connect(
+            settings_params["database"],
+            timeout=settings_params.get("timeout", 5),
+            isolation_level=None,  # autocommit, as Django runs it
+            check_same_thread=False,
+        )
+        # The settings a user of this app is told to use (journal_mode is kept in the file).
+        self.connection.execute("PRAGMA synchronous=NORMAL")
+        self.cursor = self.connection.cursor()
+
+    def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
+        self.cursor.execute(
+            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
+            f" VALUES (?, ?, 1, {NOW}, strftime('%Y-%m-%d %H:%M:%f', 'now', ?))"
+            " ON CONFLICT (machine_id) DO UPDATE SET owner = excluded.owner,"
+            " token = l.token + 1, acquired_at = excluded.acquired_at,"
+            f" expires_at = excluded.expires_at WHERE l.expires_at <= {NOW} RETURNING token",
+            (machine_id, owner, f"+{ttl:.3f} seconds"),
+        )
+        return bool(self.cursor.fetchall())
+
+    def read(self, machine_id: str) -> tuple[str, int] | None:
+        self.cursor.execute(
+            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = ?", (machine_id,)
+        )
+        return self.cursor.fetchone()  # type: ignore[no-any-return]
+
+    def write(self, machine_id: str, text: str, version: int | None) -> bool:
+        if version is None:
+            self.cursor.execute(
+                f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, created_at,"
+                f" updated_at) VALUES (?, ?, 1, 0, {NOW}, {NOW})"
+                " ON CONFLICT (machine_id) DO NOTHING",
+                (machine_id, text),
+            )
+        else:
+            self.cursor.execute(
+                f"UPDATE {STATE_TABLE} SET state = ?, version = version + 1,"
+                f" updated_at = {NOW} WHERE machine_id = ? AND version = ?",
+                (text, machine_id, version),
+            )
+        return int(self.cursor.rowcount) == 1
+
+    def unlock(self, machine_id: str, owner: str) -> bool:
+        self.cursor.execute(
+            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = ? AND owner = ?", (machine_id, owner)
+        )
+        return int(self.cursor.rowcount) == 1
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def fill_postgresql(cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
+    cursor.execute(
+        f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
+        " created_at, updated_at)"
+        " SELECT %s || n, jsonb_build_object('n', n), 1, 0, 'done', now(), now()"
+        " FROM generate_series(1, %s) AS n",
+        (prefix, states),
+    )
+    cursor.execute(
+        f"INSERT INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at, expires_at)"
+        f" SELECT %s || n, 'filler', nextval('{TOKEN_SEQUENCE}'),"
+        " now() - interval '2 hours', now() - interval '1 hour'"
+        " FROM generate_series(1, %s) AS n",
+        (prefix, expired_locks),
+    )
+
+
+def fill_mysql(cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
+    # seq_1_to_N is a table of MariaDB's Sequence engine, made up on the fly.
+    cursor.execute(
+        f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
+        " created_at, updated_at) SELECT CONCAT(%s, seq), JSON_OBJECT('n', seq), 1, 0,"
+        f" 'done', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) FROM seq_1_to_{int(states)}",
+        (prefix,),
+    )
+    cursor.execute(
+        f"INSERT INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at, expires_at)"
+        f" SELECT CONCAT(%s, seq), 'filler', NEXTVAL({TOKEN_SEQUENCE}),"
+        " UTC_TIMESTAMP(6) - INTERVAL 2 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR"
+        f" FROM seq_1_to_{int(expired_locks)}",
+        (prefix,),
+    )
+
+
+def fill_sqlite(cursor: Cursor, prefix: str, states: int, expired_locks: int) -> None:
+    cursor.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+        f" INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, execution_status,"
+        f" created_at, updated_at) SELECT ? || i, json_object('n', i), 1, 0, 'done',"
+        f" {NOW}, {NOW} FROM n",
+        (states, prefix),
+    )
+    cursor.execute(
+        f"SELECT COALESCE(MAX(token), 0) FROM {LOCK_TABLE}",
+    )
+    base = int(cursor.fetchone()[0])
+    cursor.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+        f" INSERT INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at, expires_at)"
+        " SELECT ? || i, 'filler', ? + i, strftime('%Y-%m-%d %H:%M:%f', 'now', '-2 hours'),"
+        " strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 hours') FROM n",
+        (expired_locks, prefix, base),
+    )
+
+
+CYCLES: dict[str, type[RawCycle]] = {
+    "postgresql": PostgreSQLRawCycle,
+    "mysql": MySQLRawCycle,
+    "sqlite": SQLiteRawCycle,
+}
+FILLS: dict[str, Callable[[Cursor, str, int, int], None]] = {
+    "postgresql": fill_postgresql,
+    "mysql": fill_mysql,
+    "sqlite": fill_sqlite,
+}
+
+
+def raw_cycle(connection: BaseDatabaseWrapper) -> RawCycle:
+    """A RawCycle on a new driver connection with the parameters of Django's ``connection``."""
+    return CYCLES[connection.vendor](connection.get_connection_params())
+
+
+def fill(connection: BaseDatabaseWrapper, prefix: str, states: int, expired_locks: int) -> None:
+    """Insert filler rows (ids under ``prefix``) for the benchmark's scale runs."""
+    # The driver's own cursor: the statements are written in its paramstyle.
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor = connection.connection.cursor()
+        try:
+            FILLS[connection.vendor](cursor, prefix, states, expired_locks)
+        finally:
+            cursor.close()

@@ -1,0 +1,69 @@
+"""The driver's own cursor on a Django connection, and the server session it belongs to.
+
+The memory's few fixed statements run on the DB-API cursor rather than Django's cursor
+wrapper, which costs more per statement than a small statement takes on SQLite
+(docs/design.md#the-drivers-cursor). Everything else stays Django's: settings,
+transactions, reconnects, and the ``django.db`` exception classes, because callers run
+statements inside ``connection.wrap_database_errors``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from machine_memory.conf import conf
+from machine_memory.sql import dialect_for
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from machine_memory.sql.base import Cursor
+
+# Where the reusable cursor is kept on Django's connection object: the driver connection
+# it belongs to (a reconnect makes a new one), the cursor, and the server's id of that
+# session, noted while the connection is healthy (a broken psycopg connection reports 0).
+_ATTRIBUTE = "_machine_memory_cursor"
+
+
+def prepared_statements(connection: BaseDatabaseWrapper) -> bool:
+    """Whether hot statements may be prepared on the server (PostgreSQL).
+
+    Prepared statements live in the server session, which a transaction-mode pooler does
+    not keep: off where the alias says a pooler is in the way (Django's
+    DISABLE_SERVER_SIDE_CURSORS hint) unless PREPARED_STATEMENTS says otherwise.
+    """
+    setting = conf.PREPARED_STATEMENTS
+    if setting is not None:
+        return setting
+    return not connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False)
+
+
+def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
+    """A DB-API cursor of ``connection``, connecting first if needed.
+
+    Call it inside ``connection.wrap_database_errors``.
+    """
+    raw = connection.connection
+    if raw is None:
+        # ensure_connection() refuses to run in an event loop thread, as cursor() does.
+        connection.ensure_connection()
+        raw = connection.connection
+    elif connection.in_atomic_block:
+        # What Django's cursor() checks too: no statements in a transaction already doomed.
+        connection.validate_no_broken_transaction()
+    cached = getattr(connection, _ATTRIBUTE, None)
+    if cached is not None and cached[0] is raw:
+        return cached[1]
+    dialect = dialect_for(connection)
+    cursor = dialect.new_cursor(connection, prepare=prepared_statements(connection))
+    setattr(connection, _ATTRIBUTE, (raw, cursor, dialect.session_id(raw)))
+    return cursor
+
+
+def noted_session(connection: BaseDatabaseWrapper) -> int | None:
+    """The server session id of the last driver connection that ran our statements.
+
+    Still known after that connection broke; None when it never ran one.
+    """
+    cached = getattr(connection, _ATTRIBUTE, None)
+    return None if cached is None else cached[2]

@@ -1,0 +1,1 @@
+"""State stores: where the JSON states live. One module per store behind ``base.StateStore``."""

@@ -1,0 +1,143 @@
+"""States in ``MachineState`` rows of one Django database.
+
+Each hot operation is one statement of the vendor module (``machine_memory.sql``) on the
+driver's cursor; read-then-change operations take the row with ``select_for_update()``
+(docs/design.md#concurrency).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, ClassVar
+
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
+
+from machine_memory.connection import cursor_for, noted_session
+from machine_memory.exceptions import MachineMemoryError
+from machine_memory.sql import dialect_for
+from machine_memory.stores.base import NothingSent, StateStore, Stored
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from machine_memory.locks.base import Fence, LockBackend
+    from machine_memory.validation import Metadata
+
+# How long end_lost_session() waits for the server to end the dead connection's session.
+SESSION_END_TIMEOUT = 5.0
+
+
+class DatabaseStateStore(StateStore):
+    errors: ClassVar[tuple[type[BaseException], ...]] = (DatabaseError,)
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        OperationalError,
+        InterfaceError,
+    )
+
+    def __init__(self, using: str) -> None:
+        if using not in connections:
+            raise MachineMemoryError(
+                f"Database alias {using!r} is not in settings.DATABASES; "
+                "set MACHINE_MEMORY['DATABASE'] or pass using=."
+            )
+        self.alias: str = using
+        self.using = using
+        # The vendor is known from ENGINE without connecting.
+        self.dialect = dialect_for(connections[using])
+
+    def __repr__(self) -> str:
+        return f"<DatabaseStateStore using={self.using!r}>"
+
+    @property
+    def connection(self) -> BaseDatabaseWrapper:
+        return connections[self.alias]
+
+    def load(self, machine_id: str) -> Stored | None:
+        connection = self.connection
+        with connection.wrap_database_errors:
+            row = self.dialect.read(cursor_for(connection), machine_id)
+        return None if row is None else Stored(*row)
+
+    def _connected(self) -> BaseDatabaseWrapper:
+        """The connection, connected: a failure to connect is ``NothingSent``."""
+        connection = self.connection
+        if connection.connection is None:
+            try:
+                with connection.wrap_database_errors:
+                    connection.ensure_connection()
+            except self.errors as exc:
+                raise NothingSent(str(exc)) from exc
+        return connection
+
+    def insert(self, machine_id: str, text: str, meta: Metadata, fence: Fence) -> bool:
+        connection = self._connected()
+        with connection.wrap_database_errors:
+            return self.dialect.insert_state(cursor_for(connection), machine_id, text, meta, fence)
+
+    def update(
+        self, machine_id: str, text: str, expected_version: int, meta: Metadata | None, fence: Fence
+    ) -> bool:
+        connection = self._connected()
+        with connection.wrap_database_errors:
+            return self.dialect.update_state(
+                cursor_for(connection), machine_id, text, expected_version, meta, fence
+            )
+
+    def delete(self, machine_id: str, expected_version: int, fence: Fence) -> bool:
+        connection = self._connected()
+        with connection.wrap_database_errors:
+            return self.dialect.delete_state(
+                cursor_for(connection), machine_id, expected_version, fence
+            )
+
+    @contextmanager
+    def row_locked(self, machine_id: str) -> Iterator[int | None]:
+        from machine_memory.models import MachineState
+
+        with transaction.atomic(using=self.alias):
+            connection = self.connection
+            with connection.wrap_database_errors:
+                # SQLite has no row locks: there the transaction takes the database's write
+                # lock first, so nobody writes between the read and the change.
+                self.dialect.reserve_writes(cursor_for(connection))
+            yield (
+                MachineState.objects.using(self.alias)
+                .select_for_update()
+                .filter(pk=machine_id)
+                .values_list("version", flat=True)
+                .first()
+            )
+
+    def in_transaction(self) -> bool:
+        return self.connection.in_atomic_block
+
+    def recover(self) -> None:
+        connection = self.connection
+        if not connection.in_atomic_block:
+            connection.close()
+
+    def end_lost_session(self) -> bool:
+        return end_lost_session(self.connection)
+
+    def shares_locks_with(self, locks: LockBackend) -> bool:
+        return locks.database == self.alias
+
+
+def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
+    """``StateStore.end_lost_session`` for a Django connection that just failed.
+
+    PostgreSQL and MariaDB do not notice a vanished client while its statement waits for
+    a row lock or commits: the statement may still land after a check on a new
+    connection. So the old session is ended, and confirmed gone, before anything is
+    decided (docs/contract.md#write).
+    """
+    session = noted_session(connection)
+    if not connection.in_atomic_block:
+        connection.close()
+    if session is None:
+        return True  # nothing of ours ran on a server session
+    dialect = dialect_for(connection)
+    with connection.wrap_database_errors:
+        return dialect.end_session(cursor_for(connection), session, SESSION_END_TIMEOUT)
