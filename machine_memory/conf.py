@@ -34,7 +34,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    # An int is always finite (and math.isfinite() would overflow on a huge one).
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _seconds(value: Any) -> float:

@@ -15,6 +15,7 @@ implement ``make_memory()``; every ``test_*`` method then runs against your memo
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 import uuid
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from machine_memory.exceptions import (
 from machine_memory.locks.memory import InMemoryLockBackend
 from machine_memory.memory import MachineMemory
 from machine_memory.stores.memory import InMemoryStateStore, SimpleStore
-from machine_memory.validation import MAX_ID_LENGTH
+from machine_memory.validation import MAX_ID_LENGTH, MAX_OWNER_LENGTH, MAX_STATE_DEPTH
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -467,6 +468,47 @@ class MachineMemoryConformance:
         assert memory.read(machine_id) is None
         memory.write(machine_id, {"big": "x" * 900}, None)  # within the limit
         assert memory.read(machine_id) == {"big": "x" * 900}
+
+    def test_bad_arguments_raise_before_storage_is_touched(self) -> None:
+        """Owners, TTLs, metadata values, ids and nesting: the same refusal on every backend."""
+        memory, machine_id = self.make_memory(), self.new_id()
+        for owner in ["", "o" * (MAX_OWNER_LENGTH + 1), "nul\x00owner", "half \ud800", 7]:
+            with _raises(ValueError):
+                self.make_memory(owner=owner)
+        ttls: list[Any] = [0, -1, 0.0001, float("nan"), float("inf"), 10**400, "5", True]
+        ttls += [datetime.timedelta(days=31), datetime.timedelta(0)]
+        for ttl in ttls:
+            with _raises(ValueError):
+                memory.lock(machine_id, ttl=ttl)
+            with _raises(ValueError):
+                self.make_memory(lock_ttl=ttl)
+        assert not memory.holds(machine_id) and memory.lock_info(machine_id) is None
+        assert memory.lock(machine_id)
+        for ttl in ttls:
+            with _raises(ValueError):
+                memory.extend(machine_id, ttl=ttl)
+        bad_metadata: list[Any] = [
+            {"source": "nul\x00source"},
+            {"initiator": "half \udc00"},
+            {"parent_subject": 42},
+            {"source": "s" * 256},
+            {"colour": "red"},
+            {"subject": "another id"},
+            ["not", "a", "mapping"],
+        ]
+        for metadata in bad_metadata:
+            with _raises(InvalidState):
+                memory.write(machine_id, {"a": 1}, None, metadata=metadata)
+        nested: dict[str, Any] = {"leaf": 1}
+        for _ in range(MAX_STATE_DEPTH):
+            nested = {"d": nested}
+        with _raises(InvalidState):
+            memory.write(machine_id, nested, None)
+        for bad_id in ["half \ud800", "nul\x00"]:
+            with _raises(InvalidMachineId):
+                memory.write(bad_id, {"a": 1}, None)
+        assert memory.read(machine_id) is None
+        assert memory.unlock(machine_id)
 
     def test_long_unusual_ids_round_trip(self) -> None:
         memory = self.make_memory()

@@ -439,3 +439,52 @@ def test_package_imports_without_settings() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# -- one rule per setting: checks, conf and the constructor agree ---------------------------
+
+# For each constructor argument: the setting whose rule validates it, values that rule
+# refuses (including ones Python would coerce), and one it accepts.
+ARGUMENT_RULES: list[tuple[str, str, list[Any], Any]] = [
+    ("lock_ttl", "LOCK_TTL", [0, -1, True, "120", float("nan"), 10**400, 10**7], 30),
+    ("lock_retries", "LOCK_RETRIES", [True, -1, 1.5, "3"], 5),
+    ("lock_backoff", "LOCK_BACKOFF", ["0.05", -0.1, float("inf"), True, 3600], 0.01),
+    ("read_retries", "READ_RETRIES", [True, -1, "2"], 0),
+    ("read_backoff", "READ_BACKOFF", ["0.1", float("nan"), False], 0.2),
+    ("max_state_bytes", "MAX_STATE_BYTES", [0, True, "10", 1.5], 10),
+    ("cleanup", "CLEANUP", ["Delete", 1, ""], "delete"),
+]
+
+
+@pytest.mark.parametrize(("argument", "key", "invalid", "valid"), ARGUMENT_RULES)
+def test_checks_conf_and_constructor_agree(
+    argument: str, key: str, invalid: list[Any], valid: Any
+) -> None:
+    from machine_memory.conf import RULES, conf
+
+    check_id = f"machine_memory.{RULES[key].check_id}"
+    for value in invalid:
+        assert check_id in [m.id for m in messages_for({key: value})], value
+        with override_settings(MACHINE_MEMORY={key: value}):
+            with pytest.raises(ImproperlyConfigured, match=check_id.replace(".", r"\.")):
+                conf.get(key)
+            with pytest.raises(ImproperlyConfigured):
+                MachineMemory(using="default")
+        with pytest.raises(ValueError, match=argument):
+            MachineMemory(using="default", **{argument: value})
+    assert check_id not in [m.id for m in messages_for({key: valid})]
+    with override_settings(MACHINE_MEMORY={key: valid}):
+        from_settings = MachineMemory(using="default")
+    from_argument = MachineMemory(using="default", **{argument: valid})
+    attribute = "cleanup_mode" if argument == "cleanup" else argument
+    assert getattr(from_settings, attribute) == getattr(from_argument, attribute)
+
+
+def test_a_coerced_setting_is_refused_not_used() -> None:
+    # Strings and bools that int()/float() would turn into numbers are configuration
+    # mistakes: the checks report them, and the memory refuses to run with them.
+    settings_value = {"LOCK_RETRIES": True, "LOCK_BACKOFF": "0.05"}
+    ids = {m.id for m in messages_for(settings_value)}
+    assert {"machine_memory.E006", "machine_memory.E007"} <= ids
+    with override_settings(MACHINE_MEMORY=settings_value), pytest.raises(ImproperlyConfigured):
+        MachineMemory(using="default")

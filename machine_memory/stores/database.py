@@ -136,6 +136,11 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
     session = noted_session(connection)
     if not connection.in_atomic_block:
         connection.close()
+    if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False):
+        # Behind a pooler (Django's hint) the session id names the pooler's client slot,
+        # not a server session: ending "it" could end somebody else's. Nothing is ended,
+        # so a write that did not visibly land stays undecided (WriteOutcomeUnknown).
+        return False
     if session is None:
         return True  # nothing of ours ran on a server session
     dialect = dialect_for(connection)
