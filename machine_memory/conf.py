@@ -4,7 +4,7 @@ Each key has one ``Rule`` (default, what a valid value is, its system check id).
 rule checks the setting at start-up (``checks.py``), validates it when read here (an
 invalid value raises ``ImproperlyConfigured`` instead of being coerced), and validates
 the matching ``MachineMemory(...)`` argument, so the three always agree
-(docs/settings.md).
+(docs/contract.md#settings).
 """
 
 from __future__ import annotations

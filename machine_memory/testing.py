@@ -1,8 +1,8 @@
 """Test helpers for users of machine_memory (and for the app's own backends).
 
-``SimpleMachineMemory`` keeps state and locks in process memory with the same semantics as
-``MachineMemory``: validation, versions, TTL, owners, fencing. Instances made with the same
-``SimpleStore`` (or ``peer()``) behave like workers sharing one database.
+``SimpleMachineMemory`` is ``MachineMemory`` over an in-memory store and in-memory locks:
+the same contract code. Instances made with the same ``SimpleStore`` (or ``peer()``)
+behave like workers sharing one database.
 
 ``MachineMemoryConformance`` is the contract as tests. Subclass it in a pytest module and
 implement ``make_memory()``; every ``test_*`` method then runs against your memory::

@@ -1,42 +1,8 @@
 """Locks in Redis, through django-redis; state stays in the database.
 
-Two keys per machine id, on the cache's primary (``get_redis_connection(alias)``):
-
-``machine_memory:lock:{<id>}``
-    The lock itself, set with ``SET NX PX`` (https://redis.io/docs/latest/commands/set/),
-    so Redis expires it by its own clock. Value: ``token:acquired_us:expires_us:nonce:owner``
-    (times from Redis ``TIME``, in microseconds; the owner last, so it may contain ``:``).
-``machine_memory:token:{<id>}``
-    The last fencing token issued for the id. It has no TTL, so tokens keep increasing
-    across unlocks and expiry.
-
-Ids go into keys as UTF-8, as they are: Redis keys are binary-safe, and ``redis-cli --scan
---pattern 'machine_memory:lock:*'`` shows them readably. The braces make the id the Redis
-Cluster hash tag, so both keys of an id would share a slot
-(https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags); the
-cache's ``KEY_PREFIX``, if any, goes in front, because django-redis applies it only to cache
-calls, not to the raw connection.
-
-Every change (acquire, release, extend) is one Lua script, atomic on the server and one round
-trip (https://redis.io/docs/latest/develop/interact/programmability/eval-intro/). The scripts
-are sent by SHA (``EVALSHA``); redis-py loads one the first time a server answers
-``NOSCRIPT`` (after a restart or ``SCRIPT FLUSH``) and retries.
-
-Fencing (docs/contract.md#database-and-redis-fencing). A write from a lock holder first
-checks, in one ``MGET``, that the counter still stands at its token, i.e. nobody acquired
-the lock since (``LockLost`` otherwise). The lock may have expired meanwhile with nobody
-taking it: the write is still allowed, as with database locks. The state row then records
-the token in its ``fence`` column, and the UPDATE matches only while ``fence <= token``, in
-the same statement as the version check; a holder whose lock was taken over between its
-check and its write cannot overwrite a state that a newer holder wrote.
-
-Tokens are ``max(previous + 1, Redis TIME in µs)``: strictly increasing per id like a plain
-counter, and still increasing when the counter is lost (``FLUSHDB``, which is what a
-``cache.clear()`` on the same cache does; a restart without persistence; a failover to a
-replica that had not received the last increments), provided the clock of the Redis that
-answers afterwards is not behind the one that issued the last token by more than the outage
-lasted. A plain counter would restart at 1 there, and every state row fenced with a higher
-token would refuse the new holders' writes until the counter caught up.
+Two keys per id (the lock, set with ``SET NX PX``; the last fencing token), changed only by
+the Lua scripts below, each atomic and one round trip. Key layout, clock-seeded tokens and
+the fence check: docs/design.md#redis-lock-backend.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """The statements every vendor module provides, in the SQL that PostgreSQL and SQLite share.
 
-Each hot-path operation is one statement, and each race is decided inside it: an upsert
-that only takes an expired lock, an UPDATE whose WHERE carries the expected version and
-the fencing condition.
-
-Statements run on the driver's own DB-API cursor (``machine_memory.connection``). They are
-written once in Django's spelling (``%s`` placeholders, ``%%`` for a percent sign), turned
-into the driver's paramstyle by ``native()`` and cached, so the hot path builds no SQL.
-Vendor modules take what they need as arguments and never read the app's settings.
+Each hot-path race is decided inside one statement. Statements are written once in Django's
+spelling, turned into the driver's paramstyle and cached; vendor modules never read the
+app's settings (docs/design.md#vendor-sql-sql).
 """
 
 from __future__ import annotations
