@@ -178,8 +178,10 @@ class MachineMemory:
         )
 
     @property
-    def using(self) -> str | None:
-        """The database alias of the states (None for a store outside Django's databases)."""
+    def using(self) -> str:
+        """The database alias of the states, for the ORM-based tools (admin, API, commands)."""
+        if self.store.using is None:
+            raise MachineMemoryError(f"{self.store!r} keeps its states outside Django's databases.")
         return self.store.using
 
     def _recover(self) -> None:

@@ -318,7 +318,7 @@ def test_takeover_is_caught_in_redis_before_the_database(
 
     def update_state(*args: Any) -> bool:
         statements.append(args)
-        return real_update(*args)
+        return bool(real_update(*args))
 
     monkeypatch.setattr(dialect, "update_state", update_state)
     with pytest.raises(LockLost, match="another owner acquired it since") as raised:

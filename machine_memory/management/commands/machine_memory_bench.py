@@ -146,7 +146,7 @@ class Command(BaseCommand):
     # -- running ------------------------------------------------------------------------
 
     def run(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
-        alias = self.alias(memory)
+        alias = memory.using
         connection = connections[alias]
         contention = options["contention"]
         workers = options["workers"]
@@ -183,12 +183,6 @@ class Command(BaseCommand):
         return result
 
     @staticmethod
-    def alias(memory: MachineMemory) -> str:
-        # The bench always runs on a database store (--database).
-        assert memory.using is not None
-        return memory.using
-
-    @staticmethod
     def ids(prefix: str, workers: int, machines: int) -> list[str]:
         return [f"{prefix}/w{w}/m{m}" for w in range(workers) for m in range(machines)]
 
@@ -207,7 +201,7 @@ class Command(BaseCommand):
                 [
                     {
                         "kind": "raw" if raw else "memory",
-                        "database": self.alias(memory),
+                        "database": memory.using,
                         "lock_backend": options["lock_backend"],
                         "ids": ids[w * per_worker : (w + 1) * per_worker],
                         "cycles": cycles // workers,
@@ -218,7 +212,7 @@ class Command(BaseCommand):
         progress = Progress(label, cycles, sys.stderr.isatty() and not options["json"])
         try:
             if raw:
-                cycle = raw_cycle(connections[self.alias(memory)])
+                cycle = raw_cycle(connections[memory.using])
                 try:
                     return raw_cycles(cycle, ids, cycles, progress)
                 finally:
@@ -242,7 +236,7 @@ class Command(BaseCommand):
                     [
                         {
                             "kind": "contention",
-                            "database": self.alias(memory),
+                            "database": memory.using,
                             "lock_backend": options["lock_backend"],
                             "ids": ids[w % machines :] + ids[: w % machines],
                             "cycles": cycles // workers,
@@ -252,7 +246,7 @@ class Command(BaseCommand):
                 )
             else:
                 timings = contended_cycles(memory, ids, cycles)
-            checker = MachineMemory(using=self.alias(memory), lock_backend=options["lock_backend"])
+            checker = MachineMemory(using=memory.using, lock_backend=options["lock_backend"])
             for machine_id in ids:
                 state = checker.read(machine_id)
                 stored = 0 if state is None else state["counter"]
@@ -261,7 +255,7 @@ class Command(BaseCommand):
         return {"memory": summary(runs), "lost_updates": lost}
 
     def fill(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
-        connection = connections[self.alias(memory)]
+        connection = connections[memory.using]
         started = time.perf_counter()
         fill(connection, f"{prefix}fill/", options["fill_states"], options["fill_expired_locks"])
         seconds = time.perf_counter() - started
