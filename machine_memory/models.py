@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from django.db import connections, models
+from django.db import connections, models, transaction
 from django.db.models.expressions import Func
 from django.db.models.functions import Left
 
@@ -93,31 +94,66 @@ logger = logging.getLogger("machine_memory")
 class BatchedQuerySet(models.QuerySet[_M]):
     """Deletes in primary-key batches, each DELETE re-applying this QuerySet's conditions."""
 
-    def next_batch(self, after: Any, size: int) -> list[Any]:
-        """The primary keys of the next ``size`` rows after ``after`` (None: the first)."""
+    def claims_rows(self) -> bool:
+        """Whether a batch's keys are claimed with ``SELECT ... FOR UPDATE SKIP LOCKED``.
+
+        Asked of Django's ``features`` of this QuerySet's database: PostgreSQL and MariaDB
+        >= 10.6 can. SQLite has no row locks (Django ignores ``select_for_update`` there,
+        and its writers are serialised anyway); a database with row locks but without
+        SKIP LOCKED would make Django raise ``NotSupportedError``, and waiting for other
+        transactions' row locks is exactly what a purge must not do, so neither claims.
+        """
+        features = connections[self.db].features
+        return bool(features.has_select_for_update and features.has_select_for_update_skip_locked)
+
+    def next_batch(self, after: Any, size: int, *, claim: bool = False) -> list[Any]:
+        """The primary keys of the next ``size`` rows after ``after`` (None: the first).
+
+        ``claim``: lock the rows for the rest of the current transaction and skip those
+        that another transaction has locked (``select_for_update(skip_locked=True)``);
+        only inside ``transaction.atomic()``, and only where ``claims_rows()``.
+        """
         rows = self.order_by("pk")
         if after is not None:
             rows = rows.filter(pk__gt=after)
+        if claim:
+            rows = rows.select_for_update(skip_locked=True)
         return list(rows.values_list("pk", flat=True)[:size])
 
     def delete_in_batches(self, batch_size: int) -> Purged:
         """Delete these rows ``batch_size`` at a time.
 
-        A batch's keys are selected first, then deleted with every condition of this
-        QuerySet repeated in the DELETE itself, so a row that stopped matching in between
-        (a lock taken again, a state written since) is left alone. Keys only move forward,
-        so rows that stay never make the loop select them again.
+        Each batch is one transaction (``transaction.atomic(using=self.db)``) where the
+        database has row locks with SKIP LOCKED (``claims_rows()``): the batch's keys are
+        selected with ``select_for_update(skip_locked=True)``, then deleted with every
+        condition of this QuerySet repeated in the DELETE itself plus ``pk IN (keys)``,
+        and the batch commits. A row that another transaction holds locked (a worker
+        taking or releasing that lock, writing that state) is skipped, never waited for;
+        and since keys only move forward, a skipped row is not tried again in this run:
+        the next run purges it. While a batch is open, a worker that wants one of its
+        rows waits for that batch's commit.
+
+        Where rows cannot be claimed (SQLite) the keys are selected and deleted in two
+        statements without a transaction around them (a SQLite transaction that reads and
+        then writes fails at once when another writer committed in between), and the
+        repeated conditions alone decide: a row that stopped matching in between (a lock
+        taken again, a state written or locked since) is left alone.
+
+        Keys only move forward, so rows that stay never make the loop select them again.
         """
+        claim = self.claims_rows()
         deleted = batches = 0
         after = None
         while True:
-            keys = self.next_batch(after, batch_size)
-            if not keys:
-                break
-            batches += 1
-            # Neither model has relations or delete signals: Django deletes with a single
-            # DELETE ... WHERE <conditions> AND pk IN (...), without loading the rows.
-            count, _ = self.filter(pk__in=keys).delete()
+            with transaction.atomic(using=self.db) if claim else nullcontext():
+                keys = self.next_batch(after, batch_size, claim=claim)
+                if not keys:
+                    break
+                batches += 1
+                # Neither model has relations or delete signals: Django deletes with a
+                # single DELETE ... WHERE <conditions> AND pk IN (...), without loading
+                # the rows.
+                count, _ = self.filter(pk__in=keys).delete()
             deleted += count
             logger.info(
                 "%s batch %d: deleted %d of %d selected rows.",

@@ -35,7 +35,7 @@ from tests.support import new_id
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from machine_memory.sql.base import Fence
+    from machine_memory.locks.base import Fence
 
 
 def run(name: str, *args: str, **options: Any) -> tuple[str, str]:
@@ -135,20 +135,72 @@ def test_purge_expired_locks_keeps_the_token_high_water_row(alias: str) -> None:
         assert remaining == set()  # tokens come from a sequence: no row needs keeping
 
 
+def claims_rows(alias: str) -> bool:
+    """Whether purge batches claim their rows (SELECT ... FOR UPDATE SKIP LOCKED) here."""
+    return MachineLock.objects.using(alias).claims_rows()
+
+
+def sessions_waiting_for_a_row_lock(alias: str) -> int:
+    """Sessions on ``alias``'s test database that wait for a row lock, from a connection of
+    this thread (PostgreSQL, MariaDB)."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # pg_stat_activity is a snapshot per transaction: take a fresh one.
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+        else:
+            cursor.execute(
+                "SELECT count(*) FROM information_schema.INNODB_TRX t"
+                " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
+                " WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()"
+            )
+        (count,) = cursor.fetchone()
+    return int(count)
+
+
+def wait_until_a_session_waits(alias: str, deadline: float = 30.0) -> bool:
+    """Poll until another session waits for a row lock; False if none did by ``deadline``."""
+    import time
+
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if sessions_waiting_for_a_row_lock(alias):
+            return True
+        # MariaDB refreshes INNODB_TRX only when nobody read it for 0.1 s.
+        time.sleep(0.25)
+    return False
+
+
+@pytest.mark.parametrize("claiming", [True, False], ids=["as-configured", "no-row-claims"])
 def test_purge_race_a_lock_taken_again_after_selection_survives(
-    alias: str, monkeypatch: pytest.MonkeyPatch
+    alias: str, monkeypatch: pytest.MonkeyPatch, claiming: bool
 ) -> None:
-    """A lock re-acquired between the batch's SELECT and its DELETE is not deleted.
+    """A lock taken again between a batch's SELECT and its DELETE ends up held, never purged.
 
     The selection step is wrapped: once it has returned the batch holding the target,
-    another thread (its own database connection) takes the expired lock over for real
-    before the DELETE runs.
+    another thread (its own database connection) takes the expired lock over for real.
+
+    Where the batch claims its rows (PostgreSQL, MariaDB: FOR UPDATE SKIP LOCKED) the
+    takeover has to wait for the batch's commit: the test sees it waiting for the row lock,
+    the batch deletes the expired row, and the takeover then gets the lock. Where rows are
+    not claimed (SQLite; and every database with ``claims_rows`` off, the "no-row-claims"
+    run) the takeover lands before the DELETE, which re-checks the expiry and leaves the
+    row alone.
     """
+    if not claiming:
+        monkeypatch.setattr(MachineLockQuerySet, "claims_rows", lambda self: False)
+    claimed = claiming and claims_rows(alias)
     target = expired_lock(alias)
     others = [expired_lock(alias) for _ in range(3)]
     live_lock(alias)  # the token high-water row (SQLite keeps it) is a live lock, not ours
     taker = MachineMemory(using=alias)
     taken: list[bool] = []
+    waited: list[bool] = []
+    threads: list[threading.Thread] = []
     select = MachineLockQuerySet.next_batch
 
     def acquire_from_another_connection() -> None:
@@ -157,22 +209,118 @@ def test_purge_race_a_lock_taken_again_after_selection_survives(
         finally:
             connections[alias].close()
 
-    def selection_then_takeover(self: MachineLockQuerySet, after: Any, size: int) -> list[Any]:
-        keys = select(self, after, size)
-        if target in keys and not taken:
+    def selection_then_takeover(
+        self: MachineLockQuerySet, after: Any, size: int, *, claim: bool = False
+    ) -> list[Any]:
+        keys = select(self, after, size, claim=claim)
+        if target in keys and not threads:
+            assert claim is claimed
             thread = threading.Thread(target=acquire_from_another_connection)
+            threads.append(thread)
             thread.start()
-            thread.join(timeout=30)
+            if claimed:
+                # The takeover waits for this batch's row lock; the DELETE runs meanwhile.
+                waited.append(wait_until_a_session_waits(alias))
+            else:
+                thread.join(timeout=30)
+                assert taken == [True], "the takeover did not happen between selection and delete"
         return keys
 
     monkeypatch.setattr(MachineLockQuerySet, "next_batch", selection_then_takeover)
     out, _ = run("purge_expired_locks", "--database", alias, "--batch-size", "500")
-    assert taken == [True], "the takeover did not happen between selection and delete"
+    [thread] = threads
+    thread.join(timeout=60)
     assert SUMMARY.match(out), out
+    assert waited == ([True] if claimed else [])
+    assert taken == [True]
     assert lock_ids(alias, [target, *others]) == {target}
     info = taker.lock_info(target)
     assert info is not None and info.owner == taker.owner
     assert taker.unlock(target)
+
+
+def hold_row_lock(
+    alias: str, rows: Any, held: threading.Event, release: threading.Event, errors: list[str]
+) -> None:
+    """In a thread of its own: lock ``rows`` (SELECT ... FOR UPDATE) in a transaction, signal
+    ``held``, keep the transaction open until ``release`` (at most a minute), roll back."""
+    from django.db import transaction
+
+    try:
+        with transaction.atomic(using=alias):
+            locked = list(rows.using(alias).select_for_update().values_list("pk", flat=True))
+            if not locked:
+                errors.append("nothing to lock")
+            held.set()
+            # A purge that waited for this lock would go on after the minute and delete
+            # the row: the test then fails on the row's absence instead of hanging.
+            if not release.wait(timeout=60):
+                errors.append("never released")
+            transaction.set_rollback(True, using=alias)
+    except Exception as exc:  # reported by the test
+        errors.append(repr(exc))
+    finally:
+        held.set()
+        connections[alias].close()
+
+
+@pytest.fixture
+def row_locks(alias: str) -> str:
+    if not claims_rows(alias):
+        pytest.skip(f"{connections[alias].vendor} has no SELECT ... FOR UPDATE SKIP LOCKED")
+    return alias
+
+
+def test_purge_expired_locks_skips_a_row_locked_by_another_transaction(row_locks: str) -> None:
+    alias = row_locks
+    busy = expired_lock(alias)
+    free = [expired_lock(alias) for _ in range(3)]
+    live_lock(alias)
+    held, release = threading.Event(), threading.Event()
+    errors: list[str] = []
+    holder = threading.Thread(
+        target=hold_row_lock,
+        args=(alias, MachineLock.objects.filter(pk=busy), held, release, errors),
+    )
+    holder.start()
+    try:
+        assert held.wait(timeout=30) and not errors, errors
+        # Batches of one: the locked row is skipped, and the batches after it go on.
+        out, _ = run("purge_expired_locks", "--database", alias, "--batch-size", "1")
+        assert SUMMARY.match(out), out
+        assert lock_ids(alias, [busy, *free]) == {busy}
+    finally:
+        release.set()
+        holder.join(timeout=90)
+    assert errors == []
+    # The next run purges it.
+    run("purge_expired_locks", "--database", alias)
+    assert lock_ids(alias, [busy]) == set()
+
+
+def test_purge_machine_states_skips_a_row_locked_by_another_transaction(row_locks: str) -> None:
+    alias = row_locks
+    status = f"done-{new_id()}"
+    busy, free = state(alias, status), state(alias, status)
+    held, release = threading.Event(), threading.Event()
+    errors: list[str] = []
+    holder = threading.Thread(
+        target=hold_row_lock,
+        args=(alias, MachineState.objects.filter(pk=busy), held, release, errors),
+    )
+    holder.start()
+    try:
+        assert held.wait(timeout=30) and not errors, errors
+        out, _ = run("purge_machine_states", "--status", status, "--database", alias)
+        assert out.startswith("Purged 1 machine state(s)"), out
+        assert state_ids(alias, [busy, free]) == {busy}
+    finally:
+        release.set()
+        holder.join(timeout=90)
+    assert errors == []
+    out, _ = run("purge_machine_states", "--status", status, "--database", alias)
+    assert out.startswith("Purged 1 machine state(s)"), out
+    assert state_ids(alias, [busy]) == set()
 
 
 def test_purge_expired_locks_logs_batches_with_verbosity_2(alias: str) -> None:
@@ -319,8 +467,10 @@ def test_purge_machine_states_race_a_state_locked_after_selection_survives(
         finally:
             connections[alias].close()
 
-    def selection_then_lock(self: MachineStateQuerySet, after: Any, size: int) -> list[Any]:
-        keys = select(self, after, size)
+    def selection_then_lock(
+        self: MachineStateQuerySet, after: Any, size: int, *, claim: bool = False
+    ) -> list[Any]:
+        keys = select(self, after, size, claim=claim)
         if target in keys and not taken:
             thread = threading.Thread(target=lock_from_another_connection)
             thread.start()

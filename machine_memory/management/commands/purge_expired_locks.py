@@ -8,7 +8,6 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
 from machine_memory.conf import conf
-from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.management.arguments import (
     add_database_argument,
     logging_for,
@@ -24,9 +23,12 @@ if TYPE_CHECKING:
 
 class Command(BaseCommand):
     help = (
-        "Delete expired database locks in batches. Each DELETE re-checks the expiry by the "
-        "database's clock, so a lock taken again meanwhile survives; the row holding the "
-        "highest fencing token is kept."
+        "Delete expired database locks in batches, one transaction per batch. Each DELETE "
+        "re-checks the expiry by the database's clock, so a lock taken again meanwhile "
+        "survives; the row holding the highest fencing token is kept. Where the database "
+        "has SKIP LOCKED (PostgreSQL, MariaDB), a lock row that another transaction holds "
+        "locked is skipped instead of waited for, and not retried in this run: the next "
+        "run purges it."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -54,7 +56,7 @@ class Command(BaseCommand):
         older_than: float = options["older_than"]
         with logging_for(options["verbosity"], self.stderr):
             memory = MachineMemory(using=alias)
-            if not isinstance(memory.locks, DatabaseLockBackend):
+            if not memory.locks.supports_listing:
                 self.stdout.write(
                     f"Locks live in {type(memory.locks).__name__} (LOCK_BACKEND "
                     f"{conf.LOCK_BACKEND!r}), which expires them itself: nothing to purge."

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 class Command(BaseCommand):
     help = (
         "Delete machine states by execution status and/or age (time since their last write, "
-        "by the database's clock), in batches. A state whose lock is live is never deleted."
+        "by the database's clock), in batches, one transaction per batch. A state whose lock "
+        "is live is never deleted. Where the database has SKIP LOCKED (PostgreSQL, MariaDB), "
+        "a state row that another transaction holds locked (a write in progress) is skipped "
+        "instead of waited for, and not retried in this run: the next run purges it."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
