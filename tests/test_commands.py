@@ -649,6 +649,20 @@ def test_release_fails_with_a_command_error(alias: str) -> None:
         run("machine_memory_release", "m", "--yes", "--database", settings.DOWN_DATABASES[alias])
 
 
+def test_release_with_a_backend_that_cannot_force_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prompts = answer(monkeypatch, "y")
+    # ExternalLocks says supports_force_release = False (the LockBackend default).
+    backend = {"LOCK_BACKEND": "tests.test_commands.ExternalLocks"}
+    with (
+        override_settings(MACHINE_MEMORY=backend),
+        pytest.raises(CommandError, match="ExternalLocks cannot force-release locks"),
+    ):
+        run("machine_memory_release", new_id())
+    assert prompts == []
+
+
 def test_release_of_an_unlocked_machine(alias: str, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = answer(monkeypatch, "y")
     out, _ = run("machine_memory_release", new_id(), "--database", alias)

@@ -10,7 +10,6 @@ from django.db import DatabaseError
 
 from machine_memory.conf import conf
 from machine_memory.exceptions import LockError
-from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.management.arguments import (
     add_database_argument,
     logging_for,
@@ -78,10 +77,10 @@ class Command(BaseCommand):
             self.stdout.write(self.text(report))
 
     def lock(self, alias: str, key: str) -> dict[str, Any] | None:
-        """The lock row (database locks, live or expired) or the live lock (other backends)."""
+        """The lock row (backends with listable lock rows: live or expired), else the live lock."""
         memory = MachineMemory(using=alias)
         try:
-            if isinstance(memory.locks, DatabaseLockBackend):
+            if memory.locks.supports_listing:
                 row = MachineLock.objects.using(alias).with_clock().filter(pk=key).first()
                 if row is None:
                     return None

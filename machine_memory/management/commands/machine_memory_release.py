@@ -52,6 +52,11 @@ class Command(BaseCommand):
                 memory.close()
 
     def release(self, memory: MachineMemory, key: str, confirmed: bool) -> None:
+        if not memory.locks.supports_force_release:
+            raise CommandError(
+                f"The lock backend {type(memory.locks).__name__} cannot force-release locks: "
+                "nothing was released."
+            )
         if not confirmed:
             info = memory.lock_info(key)
             if info is None:
