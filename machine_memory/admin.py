@@ -7,13 +7,16 @@ exact COUNT(*), filters built from index seeks, sorting only on indexed columns.
 
 Read-only by default (``ADMIN_READONLY``): workers own the states, and an edit through a
 form would bypass the compare-and-set. When it is turned off, a state's document can be
-edited, and the edit is a ``MachineMemory.write`` checked against the version shown.
+edited, and the edit is a ``MachineMemory.overwrite`` at the version the form showed: a
+state written meanwhile is refused, and the page then shows the stored document
+(docs/contract.md#write, docs/contract.md#settings).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from django import forms
@@ -32,7 +35,12 @@ from django.utils.http import urlencode
 from django.utils.timezone import localtime
 
 from machine_memory.conf import conf
-from machine_memory.exceptions import LockError, MachineMemoryError, WriteConflict
+from machine_memory.exceptions import (
+    LockError,
+    MachineMemoryError,
+    WriteConflict,
+    WriteOutcomeUnknown,
+)
 from machine_memory.models import MachineLock, MachineState
 from machine_memory.validation import DOCUMENT_KEYS, METADATA_KEYS
 
@@ -66,12 +74,6 @@ def memory() -> MachineMemory:
     from machine_memory.memory import MachineMemory
 
     return MachineMemory(using=conf.DATABASE)
-
-
-def uses_database_locks(mem: MachineMemory) -> bool:
-    from machine_memory.locks.database import DatabaseLockBackend
-
-    return isinstance(mem.locks, DatabaseLockBackend)
 
 
 def state_url(machine_id: str) -> str:
@@ -151,6 +153,15 @@ class UsingDatabaseAdmin(ModelAdmin):
     @admin.action(description="Release the locks of the selected machines", permissions=["release"])
     def release_locks(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         mem = memory()
+        if not mem.locks.supports_force_release:
+            mem.close()
+            self.message_user(
+                request,
+                f"The lock backend {type(mem.locks).__name__} cannot force-release locks: "
+                "nothing was released.",
+                messages.ERROR,
+            )
+            return
         released: list[str] = []
         try:
             for machine_id in queryset.values_list("pk", flat=True):
@@ -269,25 +280,18 @@ class StateForm(forms.ModelForm):  # type: ignore[type-arg]
             raise ValidationError("The state must be a JSON object.")
         return value
 
-    def clean(self) -> dict[str, Any]:
-        cleaned = super().clean() or {}
-        shown = cleaned.get("shown_version")
-        current = (
-            MachineState.objects.using(conf.DATABASE)
-            .filter(pk=self.instance.pk)
-            .values_list("version", flat=True)
-            .first()
-        )
-        if shown is not None and current != shown:
-            raise ValidationError(
-                f"This state was written since you opened it (version {shown}, now "
-                f"{current}). Reload the page and make your change again."
-            )
-        return cleaned
 
-
-# Set on the request when MachineMemory refused an edit, for response_change.
+# Set on the request when MachineMemory refused an edit (a Refusal), for response_change.
 REFUSED = "_machine_memory_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an edit was not saved, and whether the state still exists to be shown."""
+
+    message: str
+    level: int = messages.ERROR
+    gone: bool = False
 
 
 @admin.register(MachineState)
@@ -410,8 +414,8 @@ class MachineStateAdmin(UsingDatabaseAdmin):
             )
         mem = memory()
         try:
-            if uses_database_locks(mem):
-                return "none"
+            if mem.locks.supports_listing:
+                return "none"  # the lock rows are the whole truth, and there is none
             info = mem.lock_info(obj.machine_id)
         except LockError as exc:
             return f"unknown: {exc}"
@@ -427,43 +431,70 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     # -- editing (ADMIN_READONLY = False) ------------------------------------------------
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
-        # Through MachineMemory: validation, version bump and metadata as for any write,
-        # compare-and-set against the version the form was shown at (StateForm.clean
-        # turned a stale form away already; this closes the remaining window).
-        shown = form.cleaned_data["shown_version"]
-        stored = (
-            MachineState.objects.using(conf.DATABASE)
-            .filter(pk=obj.pk, version=shown)
-            .values_list("state", "parent_id", "initiator", "source")
-            .first()
-        )
+        # Through MachineMemory: validation, version bump and metadata as for any write, in
+        # one compare-and-set at the version the form was shown at (overwrite() under a
+        # row lock): a state written since is refused, whoever wrote it.
+        shown: int = form.cleaned_data["shown_version"]
         data = form.cleaned_data["state"]
+        # ``obj`` is the row as this request loaded it (the form changes only ``state``):
+        # when its version is the one shown, its metadata columns are the shown version's.
+        kept = {"parent_subject": obj.parent_id, "initiator": obj.initiator, "source": obj.source}
+        # Keep metadata that workers passed beside the document, unless the document
+        # itself now names it.
+        named = {DOCUMENT_KEYS[key] for key in data if key in DOCUMENT_KEYS}
+        metadata = {key: kept[key] for key, column in METADATA_KEYS.items() if column not in named}
         mem = memory()
         try:
-            if stored is None:
-                raise WriteConflict(
-                    obj.pk, shown, None, f"Machine {obj.pk!r} changed since version {shown}."
-                )
-            prev, parent_id, initiator, source = stored
-            # Keep metadata that workers passed beside the document, unless the document
-            # itself now names it.
-            kept = {"parent_subject": parent_id, "initiator": initiator, "source": source}
-            named = {DOCUMENT_KEYS[key] for key in data if key in DOCUMENT_KEYS}
-            metadata = {
-                key: kept[key] for key, column in METADATA_KEYS.items() if column not in named
-            }
-            mem.write(obj.pk, data, prev, metadata=metadata)
+            if obj.version != shown:  # stale already when this request loaded the row
+                raise WriteConflict(obj.pk, shown, obj.version)
+            obj.version = mem.overwrite(obj.pk, data, version=shown, metadata=metadata)
+        except WriteConflict as exc:
+            setattr(request, REFUSED, stale_refusal(exc, shown))
+        except WriteOutcomeUnknown as exc:
+            setattr(
+                request,
+                REFUSED,
+                Refusal(
+                    f"The save may or may not have been stored ({exc}). This page shows "
+                    "what is stored now: check it before saving again.",
+                    messages.WARNING,
+                ),
+            )
         except (MachineMemoryError, ValueError) as exc:
-            setattr(request, REFUSED, str(exc))
+            setattr(request, REFUSED, Refusal(f"The state was not saved: {exc}"))
         finally:
             mem.close()
 
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        # Nothing changed when MachineMemory refused the edit: no "Changed" history entry.
+        if getattr(request, REFUSED, None) is not None:
+            return None
+        return super().log_change(request, obj, message)
+
     def response_change(self, request: HttpRequest, obj: Any) -> HttpResponse:
-        refused = getattr(request, REFUSED, None)
+        refused: Refusal | None = getattr(request, REFUSED, None)
         if refused is None:
             return super().response_change(request, obj)
-        self.message_user(request, f"The state was not saved: {refused}", messages.ERROR)
-        return HttpResponseRedirect(request.path)
+        self.message_user(request, refused.message, refused.level)
+        if refused.gone:
+            return HttpResponseRedirect(reverse("admin:machine_memory_machinestate_changelist"))
+        # A fresh GET of this page: the form and the document show the stored state and
+        # its version, never the rejected document (which a re-rendered POST would hold).
+        return HttpResponseRedirect(request.get_full_path())
+
+
+def stale_refusal(exc: WriteConflict, shown: int) -> Refusal:
+    if exc.actual_version is None:
+        return Refusal(
+            f"The state was not saved: it was deleted since you opened it (you edited "
+            f"version {shown}). Nothing was written.",
+            gone=True,
+        )
+    return Refusal(
+        f"The state was not saved: it was written since you opened it (you edited version "
+        f"{shown}; it is now at version {exc.actual_version}). This page now shows the "
+        "stored document: make your change again on it and save."
+    )
 
 
 def when(value: datetime.datetime) -> str:

@@ -22,11 +22,14 @@ from django.urls import reverse
 
 from machine_memory import MachineMemory, admin
 from machine_memory.checks import check_settings
+from machine_memory.locks.base import LockBackend
 from machine_memory.models import MachineLock, MachineState, StorageTime
 from tests.support import new_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from machine_memory.locks.base import Fence, LockInfo
 
 
 STATES = reverse("admin:machine_memory_machinestate_changelist")
@@ -341,6 +344,134 @@ def test_editable_state_is_written_through_machine_memory(alias: str, superuser:
         assert MachineState.objects.using(alias).get(pk=machine_id).version == 2
 
 
+@pytest.fixture
+def editable(alias: str) -> Iterator[str]:
+    with override_settings(MACHINE_MEMORY={"DATABASE": alias, "ADMIN_READONLY": False}):
+        yield alias
+
+
+def form_document(page: str) -> Any:
+    """The document in the change form's ``state`` field, parsed."""
+    found = re.search(r'<textarea name="state"[^>]*>(.*?)</textarea>', page, re.DOTALL)
+    assert found, "no state field"
+    return json.loads(html.unescape(found[1]))
+
+
+def shown_document(page: str) -> Any:
+    """The document in the read-only pretty view."""
+    found = re.search(r'<pre class="machine-memory-state"[^>]*>(.*?)</pre>', page, re.DOTALL)
+    assert found, "no pretty state"
+    return json.loads(html.unescape(found[1]))
+
+
+def changes_logged(machine_id: str) -> int:
+    from django.contrib.admin.models import CHANGE, LogEntry
+
+    return LogEntry.objects.filter(object_id=machine_id, action_flag=CHANGE).count()
+
+
+def test_stale_edit_shows_the_stored_document_and_writes_nothing(
+    editable: str, superuser: Client
+) -> None:
+    machine_id = write(editable, {"a": 1})
+    page = text(superuser.get(state_url(machine_id)))
+    assert form_document(page) == {"a": 1} and 'name="shown_version" value="1"' in page
+    # A worker writes while the form is open.
+    worker = MachineMemory(using=editable)
+    stored = {"a": 2, "by": "worker"}
+    worker.write(machine_id, stored, worker.read(machine_id))
+
+    response = superuser.post(
+        state_url(machine_id), {"state": '{"a": 1, "by": "admin"}', "shown_version": 1}, follow=True
+    )
+    assert response.status_code == 200
+    [message] = messages_of(response)
+    assert "not saved" in message and "written since you opened it" in message
+    assert "now at version 2" in message and "make your change again" in message
+    page = text(response)
+    # The page is the state's own, showing what is stored, at the stored version.
+    assert response.redirect_chain[-1][0].startswith(state_url(machine_id))
+    assert form_document(page) == stored
+    assert shown_document(page) == stored
+    assert 'name="shown_version" value="2"' in page
+    assert '"admin"' not in page
+    row = MachineState.objects.using(editable).get(pk=machine_id)
+    assert (row.state, row.version) == (stored, 2)
+    assert changes_logged(machine_id) == 0
+    # Made again on the stored document, the edit is saved.
+    response = superuser.post(
+        state_url(machine_id), {"state": '{"a": 3, "by": "admin"}', "shown_version": 2}, follow=True
+    )
+    assert "was changed successfully" in " ".join(messages_of(response))
+    row = MachineState.objects.using(editable).get(pk=machine_id)
+    assert (row.state, row.version) == ({"a": 3, "by": "admin"}, 3)
+    assert changes_logged(machine_id) == 1
+
+
+def test_edit_racing_a_worker_write_is_refused_by_the_overwrite(
+    editable: str, superuser: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker writes after the admin loaded the row at the shown version, just before
+    the save: overwrite() at that version refuses it, and the page shows the worker's."""
+    machine_id = write(editable, {"a": 1})
+    worker = MachineMemory(using=editable)
+    original = MachineMemory.overwrite
+    raced: list[int] = []
+
+    def worker_writes_first(self: MachineMemory, *args: Any, **kwargs: Any) -> int:
+        if not raced:
+            worker.write(machine_id, {"a": "worker"}, worker.read(machine_id))
+            raced.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MachineMemory, "overwrite", worker_writes_first)
+    response = superuser.post(
+        state_url(machine_id), {"state": '{"a": "admin"}', "shown_version": 1}, follow=True
+    )
+    assert raced == [1]
+    [message] = messages_of(response)
+    assert "written since you opened it" in message and "now at version 2" in message
+    page = text(response)
+    assert form_document(page) == {"a": "worker"} == shown_document(page)
+    assert 'name="shown_version" value="2"' in page
+    row = MachineState.objects.using(editable).get(pk=machine_id)
+    assert (row.state, row.version) == ({"a": "worker"}, 2)
+    assert changes_logged(machine_id) == 0
+
+
+def test_edit_of_a_state_deleted_meanwhile(editable: str, superuser: Client) -> None:
+    machine_id = write(editable, {"a": 1})
+    MachineMemory(using=editable).delete(machine_id)
+    response = superuser.post(
+        state_url(machine_id), {"state": '{"a": 2}', "shown_version": 1}, follow=True
+    )
+    # Django's own answer for a row that is gone.
+    assert response.redirect_chain[-1][0] == reverse("admin:index")
+    assert "Perhaps it was deleted?" in " ".join(messages_of(response))
+    assert not MachineState.objects.using(editable).filter(pk=machine_id).exists()
+
+
+def test_edit_of_a_state_deleted_after_loading(
+    editable: str, superuser: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine_id = write(editable, {"a": 1})
+    original = MachineMemory.overwrite
+
+    def deleted_first(self: MachineMemory, *args: Any, **kwargs: Any) -> int:
+        MachineMemory(using=editable).delete(machine_id)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MachineMemory, "overwrite", deleted_first)
+    response = superuser.post(
+        state_url(machine_id), {"state": '{"a": 2}', "shown_version": 1}, follow=True
+    )
+    assert response.redirect_chain[-1][0] == STATES
+    [message] = messages_of(response)
+    assert "deleted since you opened it" in message and "Nothing was written" in message
+    assert not MachineState.objects.using(editable).filter(pk=machine_id).exists()
+    assert changes_logged(machine_id) == 0
+
+
 # -- actions ----------------------------------------------------------------------------
 
 
@@ -355,6 +486,67 @@ def test_release_locks_action_on_states(routed: str, superuser: Client) -> None:
     assert holder.lock_info(locked) is None
     response = action(superuser, STATES, "release_locks", [free])
     assert messages_of(response) == ["None of the selected machines had a live lock."]
+
+
+@pytest.mark.parametrize("url", [STATES, LOCKS], ids=["states", "locks"])
+def test_release_action_releases_only_the_selected_lock(
+    routed: str, superuser: Client, url: str
+) -> None:
+    selected, other = write(routed, {"a": 1}), write(routed, {"a": 2})
+    first, second = MachineMemory(using=routed), MachineMemory(using=routed)
+    assert first.lock(selected, ttl=60)
+    assert second.lock(other, ttl=60)
+    token = first.held_token(selected)
+    response = action(superuser, url, "release_locks", [selected])
+    [message] = messages_of(response)
+    assert message == f"Released 1 lock(s): {selected} (held by {first.owner}, token {token})."
+    assert first.lock_info(selected) is None
+    assert first.extend(selected) is False
+    info = second.lock_info(other)
+    assert info is not None and info.owner == second.owner
+    assert info.token == second.held_token(other)
+    assert second.extend(other) is True
+    # The other lock is still its holder's to release.
+    assert second.unlock(other)
+    assert second.lock_info(other) is None
+
+
+class NoForceRelease(LockBackend):
+    """A lock backend whose flag says it cannot force-release: only constructed."""
+
+    supports_force_release = False
+
+    def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
+        raise NotImplementedError
+
+    def release(self, machine_id: str, owner: str) -> bool:
+        raise NotImplementedError
+
+    def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def info(self, machine_id: str) -> LockInfo | None:
+        raise NotImplementedError
+
+    def fence(self, machine_id: str, owner: str, token: int) -> Fence:
+        raise NotImplementedError
+
+    def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
+        raise NotImplementedError
+
+    def force_release(self, machine_id: str) -> LockInfo | None:
+        raise AssertionError("the admin asked a backend that cannot force-release")
+
+
+def test_release_action_with_a_backend_that_cannot_force_release(
+    alias: str, superuser: Client
+) -> None:
+    backend = f"{__name__}.NoForceRelease"
+    with override_settings(MACHINE_MEMORY={"DATABASE": alias, "LOCK_BACKEND": backend}):
+        machine_id = write(alias, {"a": 1})
+        response = action(superuser, STATES, "release_locks", [machine_id])
+    [message] = messages_of(response)
+    assert "cannot force-release locks: nothing was released" in message
 
 
 def test_release_locks_needs_the_lock_change_permission(routed: str) -> None:
