@@ -15,7 +15,7 @@ from machine_memory import MachineMemory
 from machine_memory.exceptions import InvalidState
 from machine_memory.models import MachineLock, MachineState
 from machine_memory.sql import dialect_for
-from machine_memory.validation import METADATA_LENGTHS
+from machine_memory.validation import MAX_STATE_DEPTH, METADATA_LENGTHS
 from tests.support import new_id
 
 
@@ -217,18 +217,29 @@ def test_timestamps(memory: MachineMemory, alias: str, mid: str) -> None:
 # -- deep documents ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [32, 33, 100, 500])
+@pytest.mark.parametrize("depth", [32, 33, 100, MAX_STATE_DEPTH])
 def test_deeply_nested_state_round_trips(
     memory: MachineMemory, alias: str, mid: str, depth: int
 ) -> None:
-    # "At any depth" (SPEC §2): MariaDB's JSON_VALID() refuses more than 32 levels before
-    # 12.2, so the state column must not carry that CHECK there.
+    # Any depth up to MAX_STATE_DEPTH (docs/contract.md#states): MariaDB's JSON_VALID()
+    # refuses more than 32 levels before 12.2, so the state column must not carry that CHECK.
     nested: dict[str, Any] = {"leaf": True}
     for _ in range(depth - 1):
         nested = {"d": nested}
     memory.write(mid, nested, None)
     assert memory.read(mid) == nested
     assert row(alias, mid).state == nested
+
+
+def test_state_deeper_than_the_limit_is_refused_and_nothing_is_stored(
+    memory: MachineMemory, alias: str, mid: str
+) -> None:
+    nested: dict[str, Any] = {"leaf": [1]}
+    for _ in range(MAX_STATE_DEPTH - 1):
+        nested = {"d": nested}
+    with pytest.raises(InvalidState, match=f"more than {MAX_STATE_DEPTH} levels"):
+        memory.write(mid, nested, None)
+    assert not MachineState.objects.using(alias).filter(machine_id=mid).exists()
 
 
 # -- QuerySet methods ----------------------------------------------------------------------
