@@ -137,3 +137,53 @@ CACHES: dict[str, dict[str, Any]] = {
         "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
     },
 }
+
+# Fault-injection aliases (tests/faultproxy.py, tests/test_fault_injection.py): the same
+# servers and test databases as "postgres" and "mariadb", reached through a loopback TCP
+# proxy. The fixtures in tests/conftest.py set PORT (the proxy's) and NAME (the real alias's
+# test database) before first use; until then they point at nothing (port 9). They are not in
+# REAL_DATABASES, so no test database is made for them.
+DATABASES["postgres_proxy"] = {
+    "ENGINE": "django.db.backends.postgresql",
+    "NAME": "nothing",
+    "USER": DATABASES["postgres"]["USER"],
+    "HOST": "127.0.0.1",
+    "PORT": "9",
+    # No DISABLE_SERVER_SIDE_CURSORS: that declares a pooler, behind which a failed write is
+    # never settled by ending its session (docs/contract.md#poolers). The proxied fixture
+    # sets MACHINE_MEMORY["PREPARED_STATEMENTS"] = False instead, so that every hot
+    # statement crosses the wire as its own SQL text, which the proxy's triggers match.
+    "OPTIONS": {"connect_timeout": 3},
+}
+DATABASES["mariadb_proxy"] = {
+    "ENGINE": "django.db.backends.mysql",
+    "NAME": "nothing",
+    "USER": DATABASES["mariadb"]["USER"],
+    "PASSWORD": "",
+    "HOST": "127.0.0.1",
+    "PORT": "9",
+    # read_timeout: a stalled connection turns into an error (2013) after 2 s.
+    "OPTIONS": {"charset": "utf8mb4", "connect_timeout": 3, "read_timeout": 2},
+}
+# The "default" SQLite test database (NAME set by the sqlite_short fixture) with a busy
+# timeout of 0.2 s: a writer blocked by another connection's write lock fails fast.
+DATABASES["sqlite_short"] = {
+    "ENGINE": "django.db.backends.sqlite3",
+    "NAME": "/nonexistent/machine_memory/short.sqlite3",
+    "OPTIONS": {"timeout": 0.2},
+}
+# Redis locks for the fault tests, in a database of their own: REDIS_URL's database is
+# flushed when a test run starts, which would wipe the fencing tokens of a fault test running
+# at the same time in another run. Nothing needs flushing here: every test uses fresh ids.
+REDIS_FAULTS_URL = os.environ.get("MM_REDIS_FAULTS_URL", REDIS_URL.rsplit("/", 1)[0] + "/12")
+CACHES["redis_faults"] = {
+    "BACKEND": "django_redis.cache.RedisCache",
+    "LOCATION": REDIS_FAULTS_URL,
+    "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+}
+# The same Redis database through the proxy (LOCATION set by the redis_proxy fixture).
+CACHES["redis_proxy"] = {
+    "BACKEND": "django_redis.cache.RedisCache",
+    "LOCATION": "redis://127.0.0.1:9/0",
+    "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+}
