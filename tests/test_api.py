@@ -39,8 +39,7 @@ if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser
     from rest_framework.response import _MonkeyPatchedResponse as TestResponse
 
-    from machine_memory.locks.base import LockInfo
-    from machine_memory.sql.base import Fence
+    from machine_memory.locks.base import Fence, LockInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "/api/machine-memory"
@@ -50,7 +49,8 @@ urlpatterns = [path("api/machine-memory/", include("machine_memory.contrib.rest_
 
 pytestmark = pytest.mark.urls("tests.test_api")
 
-# Every valid id is one path segment: SPEC §2's characters, and the ones URLs care about.
+# Every valid id is one path segment: the characters of docs/contract.md#ids, and the ones
+# URLs care about.
 IDS = [
     "a/b",
     "/",
@@ -534,6 +534,149 @@ def writer(machine_id: str, data: dict[str, Any], etag: str) -> Any:
     return write
 
 
+def contend(
+    threads: int, rounds: int, request: Any, start: threading.Barrier | None = None
+) -> list[tuple[int, str | None, Any]]:
+    """``threads`` threads (one APIClient each) send ``request(client, thread, round)``
+    ``rounds`` times each, all starting at once; every (status, ETag, request) in order."""
+    user = make_user(staff=True)
+    barrier = start or threading.Barrier(threads)
+    results: list[list[tuple[int, str | None, Any]]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            client = client_for(user)
+            barrier.wait(timeout=10)
+            for number in range(rounds):
+                response, sent = request(client, index, number)
+                results[index].append((response.status_code, response.get("ETag"), sent))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not errors, errors
+    return [result for thread_results in results for result in thread_results]
+
+
+def test_overwrites_under_contention_all_land(api: Api, mid: str) -> None:
+    """If-Match: * from many clients at once: every one is stored, none gives up with 409.
+
+    (It used to read and compare-and-set, and answered 409 after five lost races.)
+    """
+    api.create(mid, {"n": 0})
+    threads, rounds = 6, 15
+
+    def overwrite(client: APIClient, thread: int, number: int) -> tuple[TestResponse, Any]:
+        data = {"thread": thread, "round": number}
+        response = client.put(
+            state_url(mid), {"data": data}, format="json", headers={"If-Match": "*"}
+        )
+        return response, data
+
+    results = contend(threads, rounds, overwrite)
+    assert [status for status, _, _ in results] == [200] * threads * rounds, results
+    # Each overwrite got a version of its own, and none was lost.
+    versions = {int(etag.strip('"')): data for _, etag, data in results if etag}
+    assert sorted(versions) == list(range(2, 2 + threads * rounds))
+    final = api.get(mid)
+    assert final["ETag"] == f'"{1 + threads * rounds}"'
+    assert body(final)["data"] == versions[1 + threads * rounds]
+
+
+def test_delete_under_contention_with_overwrites(api: Api, mid: str) -> None:
+    """A DELETE racing If-Match: * overwrites deletes (204), never 409; overwrites after it 404."""
+    api.create(mid, {"n": 0})
+    threads, rounds = 4, 10
+    start = threading.Barrier(threads + 1)
+
+    def overwrite(client: APIClient, thread: int, number: int) -> tuple[TestResponse, Any]:
+        data = {"thread": thread, "round": number}
+        response = client.put(
+            state_url(mid), {"data": data}, format="json", headers={"If-Match": "*"}
+        )
+        return response, data
+
+    deleted: list[int] = []
+
+    def delete() -> None:
+        client = client_for(make_user(staff=True))
+        try:
+            start.wait(timeout=10)
+            deleted.append(client.delete(state_url(mid)).status_code)
+        finally:
+            connections.close_all()
+
+    deleter = threading.Thread(target=delete)
+    deleter.start()
+    results = contend(threads, rounds, overwrite, start)
+    deleter.join(timeout=60)
+    assert deleted == [204]
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 404}, statuses
+    # Overwrites only go on while the state exists: every 404 comes after every 200 of the
+    # same thread.
+    for thread in range(threads):
+        mine = statuses[thread * rounds : (thread + 1) * rounds]
+        assert mine == sorted(mine), mine
+    versions = [int(etag.strip('"')) for status, etag, _ in results if status == 200 and etag]
+    assert len(set(versions)) == len(versions)
+    assert_error(api.get(mid), 404, "not_found")
+
+
+def test_stale_if_match_overwrites_are_412_with_the_winners_etag(api: Api, mid: str) -> None:
+    api.create(mid, {"n": 0})
+    writers = [writer(mid, {"by": name}, '"1"') for name in ("a", "b", "c", "d")]
+    user = make_user(staff=True)
+    responses: list[TestResponse] = []
+    barrier = threading.Barrier(len(writers))
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            responses.append(writers[index](client_for(user)))
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(len(writers))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(r.status_code for r in responses) == [200, 412, 412, 412]
+    for response in responses:
+        assert response["ETag"] == '"2"'  # the winner's version, on the 412s too
+        if response.status_code == 412:
+            assert_error(response, 412, "precondition_failed")
+    [winner] = [r for r in responses if r.status_code == 200]
+    stored = body(api.get(mid))
+    assert stored["version"] == 2
+    # A list of tags picks the one that matches; stale lists are 412 with the current ETag.
+    stale = api.put(mid, {"n": 9}, **{"If-Match": '"7", "1"'})
+    assert_error(stale, 412, "precondition_failed")
+    assert stale["ETag"] == '"2"'
+    assert body(api.get(mid))["data"] == stored["data"] != {"n": 9}
+    assert winner["ETag"] == '"2"'
+    assert api.put(mid, {"n": 3}, **{"If-Match": '"1", W/"2", "2"'}).status_code == 200
+    # Stale deletes from one ETag: one wins, the others find no state (412, no ETag).
+    statuses = race([deleter(mid, '"3"')] * 3)
+    assert sorted(statuses) == [204, 412, 412], statuses
+    assert_error(api.get(mid), 404, "not_found")
+
+
+def deleter(machine_id: str, etag: str) -> Any:
+    def delete(client: APIClient) -> TestResponse:
+        return client.delete(state_url(machine_id), headers={"If-Match": etag})
+
+    return delete
+
+
 def test_racing_creates_make_one_state(api: Api, mid: str) -> None:
     def create(client: APIClient) -> TestResponse:
         return client.put(
@@ -618,7 +761,7 @@ def test_release_with_a_wrong_token_is_409_and_keeps_the_lock(api: Api, mid: str
 
     assert api.release(mid, acquired["lock_token"]).status_code == 204
     assert_error(api.lock_get(mid), 404, "not_found")
-    # Releasing again is fine (SPEC §2: unlock is tolerant), and so is a stranger's
+    # Releasing again is fine (docs/contract.md#unlock: unlock is tolerant), and so is a stranger's
     # release once no lock is live.
     assert api.release(mid, acquired["lock_token"]).status_code == 204
     assert api.release(mid, other["lock_token"]).status_code == 204
@@ -645,7 +788,8 @@ def test_fenced_writes_after_a_takeover_are_409(api: Api, mid: str) -> None:
     assert body(api.lock_get(mid))["token"] == second["token"]
     assert body(api.get(mid))["data"] == {"n": 1}
 
-    # The new holder writes; without a token a write is only version-checked (SPEC §2).
+    # The new holder writes; without a token a write is only version-checked
+    # (docs/contract.md#write).
     new = {"Lock-Token": second["lock_token"]}
     assert api.put(mid, {"n": 2}, **{"If-Match": '"2"'}, **new).status_code == 200
     assert api.put(mid, {"n": 3}, **{"If-Match": '"3"'}).status_code == 200
@@ -734,7 +878,8 @@ def test_storage_failures_are_503_with_retry_after(alias: str, mid: str) -> None
 
 
 def test_atomic_requests_do_not_wrap_the_api(api: Api, alias: str, mid: str) -> None:
-    # Locks must commit at once (SPEC §2), so the views opt out of ATOMIC_REQUESTS.
+    # Locks must commit at once (docs/contract.md#transactions), so the views opt out of
+    # ATOMIC_REQUESTS.
     settings_dict = connections[alias].settings_dict
     settings_dict["ATOMIC_REQUESTS"] = True
     try:

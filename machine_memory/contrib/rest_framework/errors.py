@@ -24,6 +24,7 @@ from machine_memory.exceptions import (
     ReadError,
     WriteConflict,
     WriteError,
+    WriteOutcomeUnknown,
 )
 
 if TYPE_CHECKING:
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("machine_memory")
 
 # Seconds a client should wait before retrying after a storage failure: the memory has
-# already retried transient errors itself (SPEC §2), so the storage is likely down for
-# longer than a reconnect; a second keeps clients from hammering it.
+# already retried transient errors itself (docs/contract.md#read, docs/contract.md#lock),
+# so the storage is likely down for longer than a reconnect; a second keeps clients from
+# hammering it.
 RETRY_AFTER = 1
 
 # code -> what it means. The README's status code table is this dict.
@@ -54,13 +56,16 @@ CODES = {
     "lock_held": "409: POST locks/{id}/ while another owner holds the lock",
     "lock_not_held": "409: the Lock-Token does not hold the live lock (expired, taken over)",
     "lock_lost": "409: a fenced write whose lock was taken over; nothing was written",
-    "conflict": "409: If-Match: * lost every attempt to concurrent writers; retry",
+    "conflict": "409: a compare-and-set lost where no precondition said what to answer; retry",
     "precondition_failed": "412: If-Match / If-None-Match did not hold; ETag is the current one",
     "unsupported_media_type": "415: send application/json",
     "precondition_required": "428: an update without If-Match; ETag is the current one",
     "throttled": "429: the project's DRF throttling",
     "not_supported": "501: listing locks needs the database lock backend",
-    "storage_unavailable": "503: the database or Redis failed; retry after Retry-After",
+    "storage_unavailable": "503: the database or Redis failed; nothing was changed; retry after "
+    "Retry-After",
+    "write_outcome_unknown": "503: the connection died mid-write; the write may or may not have "
+    "been stored: GET the state before retrying",
 }
 
 
@@ -102,6 +107,19 @@ def _storage_unavailable(exc: Exception) -> Response:
     )
 
 
+def _write_outcome_unknown(exc: WriteOutcomeUnknown) -> Response:
+    # Not "nothing was changed": the write may have landed (docs/contract.md#write).
+    logger.warning("REST API: write outcome unknown: %s", exc, exc_info=exc)
+    return error_response(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "write_outcome_unknown",
+        "The connection to the machine memory's storage died during the write, and whether "
+        "it was stored could not be settled: the write may or may not have been stored. GET "
+        "the state before retrying.",
+        {"Retry-After": str(RETRY_AFTER)},
+    )
+
+
 def _response_for(exc: Exception) -> Response | None:
     if isinstance(exc, ApiError):
         return error_response(exc.status_code, exc.code, str(exc.detail), exc.headers)
@@ -118,6 +136,8 @@ def _response_for(exc: Exception) -> Response | None:
         # retrying cannot help, so this is the client's 400, not a 503.
         cause = str(exc.__cause__).splitlines()[0]
         return error_response(400, "invalid_state", f"The database refused the state: {cause}")
+    if isinstance(exc, WriteOutcomeUnknown):
+        return _write_outcome_unknown(exc)
     if isinstance(exc, ReadError | LockError | WriteError | DatabaseError):
         return _storage_unavailable(exc)
     if isinstance(exc, Http404):

@@ -78,6 +78,12 @@ COMMON: dict[int | str, Any] = {
     503: _error("storage_unavailable: nothing was changed; retry after Retry-After"),
 }
 COMMON_HEADERS = [RETRY_AFTER, WWW_AUTHENTICATE]
+# Writes may also end with an unknown outcome (the connection died mid-write).
+WRITE_503 = _error(
+    "storage_unavailable: nothing was changed; retry after Retry-After. Or "
+    "write_outcome_unknown: the write may or may not have been stored; GET the state "
+    "before retrying"
+)
 # Every operation on one id.
 ON_ID: dict[int | str, Any] = {
     **COMMON,
@@ -214,10 +220,11 @@ class StateDetailSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
                     200: StateWrittenSerializer,
                     201: StateWrittenSerializer,
                     404: _error("not_found: If-Match: * and no state"),
-                    409: _error("lock_lost (fenced write), or conflict (If-Match: *)"),
+                    409: _error("lock_lost: a fenced write after another owner took the lock"),
                     412: _error("precondition_failed: stale If-Match, or If-None-Match: *"),
                     428: _error("precondition_required: the state exists; send If-Match"),
                     **ON_ID,
+                    503: WRITE_503,
                 }
             ),
         )
@@ -234,9 +241,10 @@ class StateDetailSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
             responses={
                 204: OpenApiResponse(description="Deleted."),
                 404: _error("not_found: no state"),
-                409: _error("lock_lost (fenced delete), or conflict"),
+                409: _error("lock_lost: a fenced delete after another owner took the lock"),
                 412: _error("precondition_failed: stale If-Match"),
                 **ON_ID,
+                503: WRITE_503,
             },
         )
         return _annotated(self.target_class, get=get, put=put, delete=delete)

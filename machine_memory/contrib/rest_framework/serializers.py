@@ -1,7 +1,8 @@
 """Request and response bodies of the REST API.
 
 Request serializers only check the shape of the body; ``MachineMemory`` validates the
-state and its metadata itself (SPEC §2), so the rules live in one place.
+state and its metadata itself (docs/contract.md#states, docs/contract.md#metadata), so
+the rules live in one place.
 
 Fields named ``data``, ``source`` and ``errors`` carry ``type: ignore[assignment]``: the
 stubs see them shadow ``Serializer.data`` / ``Field.source`` / ``Serializer.errors``, but

@@ -1,11 +1,13 @@
 """The REST API's views: states and locks, every call through ``MachineMemory``.
 
-Concurrency rules (SPEC §2, §5):
+Concurrency rules (docs/contract.md#rest-api, docs/contract.md#write):
 
 - A state's version is its ETag, ``"<version>"``. ``PUT`` creates with ``If-None-Match: *``,
   compares and sets with ``If-Match: "<version>"`` and overwrites with ``If-Match: *``;
   an update without a precondition is refused with 428, so no client overwrites a state
-  it has not seen by accident.
+  it has not seen by accident. Updates and deletes are single ``MachineMemory.overwrite``
+  / ``delete`` calls at a version (or at whatever version is stored), decided under the
+  state row's lock: no retry loop, and ``If-Match: *`` never loses to concurrent writers.
 - ``POST locks/{id}/`` acquires the lock for a new, random owner and returns a lock token
   ``"<fencing token>.<secret>"``. The owner stored with the lock is ``"api:" +
   sha256(secret)``, so neither the database nor ``GET`` ever holds a usable token. A
@@ -43,7 +45,6 @@ from machine_memory.contrib.rest_framework.serializers import (
     StateWrittenSerializer,
 )
 from machine_memory.exceptions import LockError, LockLost, WriteConflict
-from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.memory import MachineMemory
 from machine_memory.models import MachineLock, MachineState
 from machine_memory.validation import MAX_ID_LENGTH, validate_id
@@ -56,11 +57,11 @@ if TYPE_CHECKING:
 
     from machine_memory.locks.base import LockInfo
 
-# How often If-Match: * re-reads and retries when concurrent writers keep winning.
-OVERWRITE_ATTEMPTS = 5
 # A lock token is "<fencing token>.<secret>"; fencing tokens are positive BIGINTs.
 LOCK_TOKEN = re.compile(r"([1-9][0-9]{0,18})\.([A-Za-z0-9_-]{16,128})\Z")
 MAX_TOKEN = 2**63 - 1
+# A strong entity tag that can be a version: the decimal digits str(version) produces.
+VERSION_TAG = re.compile(r"[1-9][0-9]{0,18}\Z")
 # One entity tag of an If-Match / If-None-Match list (RFC 9110 §8.8.3), and its separator.
 ENTITY_TAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|\Z)')
 
@@ -109,6 +110,14 @@ class EntityTags:
     def matches_weakly(self, version: int) -> bool:
         """If-None-Match on GET: weak comparison (RFC 9110 §13.1.2)."""
         return self.any or any(tag == str(version) for _, tag in self.tags)
+
+    def versions(self) -> set[int]:
+        """The versions that If-Match can match: its strong tags that spell a version."""
+        return {
+            int(tag)
+            for weak, tag in self.tags
+            if not weak and VERSION_TAG.match(tag) and int(tag) <= MAX_TOKEN
+        }
 
 
 def _precondition(request: Request, name: str) -> EntityTags | None:
@@ -178,8 +187,8 @@ class MachineMemoryAPIView(APIView):
     def as_view(cls, **initkwargs: Any) -> Any:
         view = super().as_view(**initkwargs)
         # A lock, an unlock and a write must reach the database when the response says
-        # so, and locks refuse to run inside atomic() on some databases (SPEC §2): never
-        # wrap these views in ATOMIC_REQUESTS, on any alias.
+        # so, and locks refuse to run inside atomic() on some databases
+        # (docs/contract.md#transactions): never wrap these views in ATOMIC_REQUESTS.
         for alias in connections:
             view = transaction.non_atomic_requests(using=alias)(view)
         return view
@@ -307,28 +316,15 @@ class StateDetailView(MachineMemoryAPIView):
         data: dict[str, Any],
         metadata: dict[str, Any] | None,
     ) -> int:
-        # If-Match: * means "whatever version is there": read it and compare-and-set
-        # against it, again if another writer got in between (a blind UPDATE would
-        # bypass the version counter that every other client relies on).
-        for _ in range(OVERWRITE_ATTEMPTS):
-            current = memory.read(machine_id)
-            if current is None:
-                raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.")
-            version = memory.version_of(machine_id, current)
-            assert version is not None  # read() remembers what it returned
-            try:
-                memory.write(machine_id, data, current, metadata)
-            except LockLost:
-                raise
-            except WriteConflict:
-                continue
-            return version + 1
-        raise ApiError(
-            409,
-            "conflict",
-            f"Machine {machine_id!r} changed under each of {OVERWRITE_ATTEMPTS} attempts to "
-            "overwrite it; retry.",
-        )
+        # If-Match: * means "whatever version is there": one overwrite() under the state
+        # row's lock, still counted as a new version (every other client's ETags rely on
+        # the counter) and fenced when the request carries a Lock-Token.
+        try:
+            return memory.overwrite(machine_id, data, metadata=metadata)
+        except LockLost:
+            raise
+        except WriteConflict as exc:  # only when there is no state to overwrite
+            raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.") from exc
 
     @staticmethod
     def _compare_and_set(
@@ -338,76 +334,65 @@ class StateDetailView(MachineMemoryAPIView):
         metadata: dict[str, Any] | None,
         if_match: EntityTags,
     ) -> int:
-        current = memory.read(machine_id)
-        version = None if current is None else memory.version_of(machine_id, current)
-        if current is None or version is None or not if_match.matches_strongly(version):
-            raise ApiError(
-                412,
-                "precondition_failed",
-                f"Machine {machine_id!r} is not at the version in If-Match"
-                + ("; it has no state." if current is None else f"; it is at {version}."),
-                _headers(version),
-            )
+        version = _matching_version(memory, machine_id, if_match)
         try:
-            memory.write(machine_id, data, current, metadata)
+            return memory.overwrite(machine_id, data, version=version, metadata=metadata)
         except LockLost:
             raise
         except WriteConflict as exc:
-            raise ApiError(
-                412,
-                "precondition_failed",
-                f"Machine {machine_id!r} was written by another client since version {version}.",
-                _headers(exc.actual_version),
-            ) from exc
-        # The compare-and-set against ``version`` succeeded: the state is now one later.
-        return version + 1
+            raise _stale(machine_id, exc.actual_version) from exc
 
     def delete(self, request: Request, machine_id: str) -> Response:
         machine_id = validate_id(machine_id)
         if_match = _precondition(request, "If-Match")
         memory = _memory(request, machine_id)
         try:
-            for _ in range(OVERWRITE_ATTEMPTS):
-                current = memory.read(machine_id)
-                if current is None:
-                    if if_match is not None and not if_match.any:
-                        raise ApiError(
-                            412, "precondition_failed", f"Machine {machine_id!r} has no state."
-                        )
+            if if_match is None or if_match.any:
+                # Whatever version is stored; 404 when there is none. A state deleted by
+                # someone else between the look and the delete is gone all the same: 204.
+                if memory.read(machine_id) is None:
                     raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.")
-                version = memory.version_of(machine_id, current)
-                if if_match is not None and (
-                    version is None or not if_match.matches_strongly(version)
-                ):
-                    raise ApiError(
-                        412,
-                        "precondition_failed",
-                        f"Machine {machine_id!r} is at version {version}, not the one in If-Match.",
-                        _headers(version),
-                    )
+                memory.delete(machine_id)
+            else:
+                version = _matching_version(memory, machine_id, if_match)
                 try:
-                    memory.delete(machine_id, current)
+                    memory.delete(machine_id, version=version)
                 except LockLost:
                     raise
                 except WriteConflict as exc:
-                    if if_match is not None and not if_match.any:
-                        raise ApiError(
-                            412,
-                            "precondition_failed",
-                            f"Machine {machine_id!r} was written by another client since "
-                            f"version {version}.",
-                            _headers(exc.actual_version),
-                        ) from exc
-                    continue
-                return Response(status=status.HTTP_204_NO_CONTENT)
+                    raise _stale(machine_id, exc.actual_version) from exc
         finally:
             memory.close()
-        raise ApiError(
-            409,
-            "conflict",
-            f"Machine {machine_id!r} changed under each of {OVERWRITE_ATTEMPTS} attempts to "
-            "delete it; retry.",
-        )
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _stale(machine_id: str, current: int | None) -> ApiError:
+    """412 for an If-Match that does not hold, with the current ETag when there is a state."""
+    return ApiError(
+        412,
+        "precondition_failed",
+        f"Machine {machine_id!r} is not at the version in If-Match"
+        + ("; it has no state." if current is None else f"; it is at {current}."),
+        _headers(current),
+    )
+
+
+def _matching_version(memory: MachineMemory, machine_id: str, if_match: EntityTags) -> int:
+    """The version an If-Match list stands for, or 412.
+
+    One tag is the version to compare and set against, as it is: overwrite() or delete()
+    at that version decide. A list (or tags that can match no version, such as weak ones)
+    needs the stored version to pick the tag that matches, if any; the write at that
+    version then fails if the state changes in between.
+    """
+    versions = if_match.versions()
+    if len(versions) == 1 and len(if_match.tags) == 1:
+        return next(iter(versions))
+    current = memory.read(machine_id)
+    version = None if current is None else memory.version_of(machine_id, current)
+    if version is None or version not in versions:
+        raise _stale(machine_id, version)
+    return version
 
 
 class LockListView(MachineMemoryAPIView, generics.ListAPIView[MachineLock]):
@@ -419,13 +404,13 @@ class LockListView(MachineMemoryAPIView, generics.ListAPIView[MachineLock]):
 
     def get_queryset(self) -> Any:
         memory = MachineMemory()
-        if not isinstance(memory.locks, DatabaseLockBackend):
+        if not memory.locks.supports_listing:
             # Other backends (Redis) can answer for one id, but have no index of all locks.
             raise ApiError(
                 501,
                 "not_supported",
-                f"Listing locks needs the database lock backend; {type(memory.locks).__name__} "
-                "answers GET locks/{id}/ only.",
+                f"Listing locks needs a lock backend that can list them (the database one); "
+                f"{type(memory.locks).__name__} answers GET locks/{{id}}/ only.",
             )
         return MachineLock.objects.using(memory.using).live()
 
