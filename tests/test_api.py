@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from rest_framework.response import _MonkeyPatchedResponse as TestResponse
 
     from machine_memory.locks.base import Fence, LockInfo
+    from tests.conftest import ProxiedDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "/api/machine-memory"
@@ -875,6 +876,53 @@ def test_storage_failures_are_503_with_retry_after(alias: str, mid: str) -> None
         for response in responses:
             assert_error(response, 503, "storage_unavailable")
             assert response["Retry-After"] == str(RETRY_AFTER)
+
+
+WRITES_THAT_COMMIT = {
+    "put-any": lambda api, mid: api.put(mid, {"n": 2}, **{"If-Match": "*"}),
+    "put-version": lambda api, mid: api.put(mid, {"n": 2}, **{"If-Match": '"1"'}),
+    "delete": lambda api, mid: api.delete(mid),
+}
+
+
+@pytest.mark.parametrize("request_kind", list(WRITES_THAT_COMMIT))
+def test_write_whose_outcome_is_unknown_is_503_write_outcome_unknown(
+    proxied: ProxiedDatabase, mid: str, request_kind: str
+) -> None:
+    """A real fault: the server commits, the reply is lost on the way back, and every new
+    connection is refused, so the memory cannot look whether the write was stored."""
+    api = Api(client_for(make_user(staff=True)))
+    with override_settings(MACHINE_MEMORY=api_settings(proxied.alias)):
+        api.create(mid, {"n": 1})
+        trigger = proxied.proxy.cut_after_reply(b"COMMIT", then="refuse")
+        response = WRITES_THAT_COMMIT[request_kind](api, mid)
+        assert trigger.count == 1
+        error = assert_error(response, 503, "write_outcome_unknown")
+        assert response["Retry-After"] == str(RETRY_AFTER)
+        assert "may or may not have been stored" in error["detail"]
+        assert "nothing was changed" not in error["detail"].lower()
+        proxied.proxy.accept()
+    # It had in fact been stored: "nothing was changed" would have been a lie.
+    expected = None if request_kind == "delete" else {"n": 2}
+    assert MachineMemory(using=proxied.real).read(mid) == expected
+
+
+def test_write_error_stays_storage_unavailable_nothing_changed(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """The connection dies before the overwrite has sent its UPDATE (while it reads the
+    row's version under the row lock), and reconnecting is refused: nothing was stored."""
+    api = Api(client_for(make_user(staff=True)))
+    with override_settings(MACHINE_MEMORY=api_settings(proxied.alias)):
+        api.create(mid, {"n": 1})
+        trigger = proxied.proxy.cut_before(b"FOR UPDATE", then="refuse")
+        response = api.put(mid, {"n": 2}, **{"If-Match": "*"})
+        assert trigger.count == 1
+        error = assert_error(response, 503, "storage_unavailable")
+        assert "nothing was changed" in error["detail"]
+        assert response["Retry-After"] == str(RETRY_AFTER)
+        proxied.proxy.accept()
+    assert MachineMemory(using=proxied.real).read(mid) == {"n": 1}
 
 
 def test_atomic_requests_do_not_wrap_the_api(api: Api, alias: str, mid: str) -> None:
