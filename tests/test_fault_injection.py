@@ -871,6 +871,86 @@ def test_write_is_sent_once_never_retried(proxied: ProxiedDatabase, mid: str) ->
     assert_stays(proxied.real, mid, op.before)
 
 
+# -- overwrite: read the version and write, under the row's lock, in one transaction ------------
+
+SELECT_FOR_UPDATE = b"FOR UPDATE"
+COMMIT = b"COMMIT"
+
+
+def test_overwrite_whose_commit_reply_was_lost_returns_the_new_version(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    session = backend_id(proxied.alias)
+    trigger = proxied.proxy.cut_after_reply(COMMIT, keep_upstream=True)
+    assert memory.overwrite(mid, {"n": 1}) == 2
+    assert trigger.count == 1
+    assert not session_alive(proxied.real, session)
+    assert_stays(proxied.real, mid, {"n": 1}, watch=False)
+
+
+def test_overwrite_cut_before_its_update_stores_nothing(proxied: ProxiedDatabase, mid: str) -> None:
+    """The row is locked and read, then the connection breaks: the server's session still
+    holds the row lock in an open transaction, and is ended before anything is decided."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    session = backend_id(proxied.alias)
+    trigger = proxied.proxy.cut_before(UPDATE_STATE, keep_upstream=True)
+    assert_nothing_stored(attempt(lambda: memory.overwrite(mid, {"n": 1})))
+    assert trigger.count == 1
+    assert not session_alive(proxied.real, session)
+    assert_stays(proxied.real, mid, {"n": 0})
+    assert memory.overwrite(mid, {"n": 1}) == 2  # the redelivered event
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: overwrite() raises WriteError at once when its connection breaks during "
+    "SELECT ... FOR UPDATE, without ending the server session, which then holds the row lock",
+)
+def test_overwrite_cut_while_waiting_for_the_row_lock_leaves_the_row_usable(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """Cut while its SELECT ... FOR UPDATE waits: nothing can land (no UPDATE was sent), but
+    the server's session, which did not notice, gets the row lock once the blocker commits
+    and would hold it in its open transaction until the server notices the dead client
+    (hours, with default keepalives): every later write to the id would hang."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    connections[proxied.alias].close()
+    wait_until(lambda: proxied.proxy.open_links == 0, "the set-up connection to close")
+    sessions: list[int] = []
+
+    def on_the_wire() -> BaseException | None:
+        sessions.append(backend_id(proxied.alias))
+        return attempt(lambda: memory.overwrite(mid, {"n": 1}))
+
+    with row_locked(proxied.real, mid, "update"):
+        sent = proxied.proxy.watch(SELECT_FOR_UPDATE)
+        run = ThreadRun(on_the_wire)
+        assert sent.wait(10)
+        wait_until(
+            lambda: server_says(proxied.real, WAITING_FOR_A_ROW_LOCK[proxied.real], sessions[0]),
+            "the SELECT ... FOR UPDATE to wait for the row lock",
+        )
+        assert proxied.proxy.cut(keep_upstream=True) == 1
+        assert_nothing_stored(run.result(timeout=20))
+    assert_stays(proxied.real, mid, {"n": 0})
+    # Another worker's write to the id goes through: no dead session holds the row.
+    other = ThreadRun(lambda: MachineMemory(using=proxied.real).write(mid, {"n": 5}, {"n": 0}))
+    try:
+        other.result(timeout=5)
+    except queue.Empty:
+        raise AssertionError(
+            "a write to the id hangs: the cut overwrite's server session holds the row lock"
+        ) from None
+    finally:
+        proxied.proxy.release_upstreams()  # lets a hanging write finish before teardown
+        other.thread.join(60)
+    assert read_real(proxied.real, mid) == {"n": 5}
+
+
 # -- read -----------------------------------------------------------------------------------------
 
 

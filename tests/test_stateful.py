@@ -50,6 +50,15 @@ def outcome(call: Callable[[], Any]) -> Outcome:
         return ("raised", type(exc).__name__)
 
 
+def database_memory(alias: str, locks: str, **options: Any) -> MachineMemory:
+    if locks == "redis":
+        from machine_memory.locks.redis import RedisLockBackend
+
+        backend = RedisLockBackend(database=alias, cache="redis_faults")
+        return MachineMemory(using=alias, lock_backend=backend, **options)
+    return MachineMemory(using=alias, **options)
+
+
 class TokenOrder:
     """Pairs of fencing tokens (database world, simple world) that must be in the same order."""
 
@@ -93,12 +102,7 @@ class MemoryComparison(RuleBasedStateMachine):
 
     @classmethod
     def database_memory(cls, **options: Any) -> MachineMemory:
-        if cls.locks == "redis":
-            from machine_memory.locks.redis import RedisLockBackend
-
-            backend = RedisLockBackend(database=cls.alias, cache="redis_faults")
-            return MachineMemory(using=cls.alias, lock_backend=backend, **options)
-        return MachineMemory(using=cls.alias, **options)
+        return database_memory(cls.alias, cls.locks, **options)
 
     def both(
         self, call: Callable[[MachineMemory], Any], owner: int | None
@@ -199,27 +203,41 @@ class MemoryComparison(RuleBasedStateMachine):
         mid = self.ids[which]
         self.same_lock(self.both(lambda memory: memory.lock_info(mid), None))
 
+    def same_delete(self, mid: str, outcomes: tuple[Outcome, Outcome]) -> None:
+        if (
+            self.locks == "redis"
+            and outcomes == (("raised", "LockLost"), ("ok", None))
+            and self.simple_operator.read(mid) is None
+        ):
+            # The known divergence pinned by test_redis_delete_of_a_missing_state_after_a_
+            # takeover_is_no_error (xfail): Redis fences before it looks for the state.
+            KNOWN_DIVERGENCES.append(mid)
+            return
+        self.same(outcomes)
+
     @rule(owner=owners, which=which_id, data=prev_kinds, pick=st.integers(0, 1000))
     def cleanup(self, owner: int, which: int, data: str, pick: int) -> None:
         """CLEANUP="delete": delete the state if it is still ``data``, then unlock."""
         mid = self.ids[which]
         data_db, data_simple = self.prev_for(owner, which, data, pick)
-        self.same(
+        self.same_delete(
+            mid,
             (
                 outcome(lambda: self.db[owner].cleanup(mid, data_db, None)),
                 outcome(lambda: self.simple[owner].cleanup(mid, data_simple, None)),
-            )
+            ),
         )
 
     @rule(owner=owners, which=which_id, prev=prev_kinds, pick=st.integers(0, 1000))
     def delete(self, owner: int, which: int, prev: str, pick: int) -> None:
         mid = self.ids[which]
         prev_db, prev_simple = self.prev_for(owner, which, prev, pick)
-        self.same(
+        self.same_delete(
+            mid,
             (
                 outcome(lambda: self.db[owner].delete(mid, prev_db)),
                 outcome(lambda: self.simple[owner].delete(mid, prev_simple)),
-            )
+            ),
         )
 
     # -- after every step ------------------------------------------------------------------
@@ -247,6 +265,8 @@ class MemoryComparison(RuleBasedStateMachine):
 
 # Invariant checks run, across all examples of a test (proof that steps really ran).
 STEPS: list[int] = []
+# Ids where the known Redis divergence below was seen (and tolerated).
+KNOWN_DIVERGENCES: list[str] = []
 
 
 @pytest.fixture
@@ -291,3 +311,42 @@ def test_database_memory_behaves_like_the_simple_memory(
     )
     assert len(STEPS) >= 25 * 10, f"only {len(STEPS)} steps ran"
     STEPS.clear()
+    assert locks == "redis" or not KNOWN_DIVERGENCES
+    KNOWN_DIVERGENCES.clear()
+
+
+@pytest.mark.parametrize(
+    ("alias", "locks"),
+    [("default", "database"), ("postgres", "database"), ("postgres", "redis")],
+    ids=["sqlite", "postgres", "postgres-redis"],
+    indirect=["alias"],
+)
+@pytest.mark.parametrize("operation", ["delete", "cleanup"])
+def test_delete_of_a_missing_state_after_a_takeover_is_no_error(
+    alias: str, locks: str, operation: str, request: pytest.FixtureRequest
+) -> None:
+    """Found by the state machine: A locks, an operator force-unlocks, B locks, A deletes an id
+    that has no state. "A missing state is not an error" (docs/contract.md, delete): with
+    database locks (and in SimpleMachineMemory) nothing happens; with Redis locks the
+    fence check runs first and raises LockLost."""
+    if locks == "redis":
+        request.getfixturevalue("redis_faults")
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="core bug: with Redis locks delete()/cleanup() fence before looking for "
+                "the state, so a missing state raises LockLost after a takeover",
+            )
+        )
+    mid = new_id("missing")
+    holder = database_memory(alias, locks, lock_retries=0, cleanup="delete")
+    heir = database_memory(alias, locks, lock_retries=0)
+    operator = database_memory(alias, locks)
+    assert holder.lock(mid)
+    assert operator.force_unlock(mid) is not None
+    assert heir.lock(mid)
+    if operation == "delete":
+        holder.delete(mid)
+    else:
+        holder.cleanup(mid, None, None)
+    assert heir.unlock(mid)
