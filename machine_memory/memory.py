@@ -348,23 +348,56 @@ class MachineMemory:
         version = _version_argument(version)
         token = self._held.get(machine_id)
         fence = self._fence(machine_id, token)
-        expected: int | None = None
+        changed = self._change_locked_row(
+            machine_id,
+            version,
+            "overwrite",
+            token,
+            lambda current: self.store.update(machine_id, text, current, meta, fence),
+            lambda row, current: _wrote(row, data, current),
+        )
+        assert changed is not None
+        self._written(machine_id, data, changed + 1, meta)
+        return changed + 1
+
+    def _change_locked_row(
+        self,
+        machine_id: str,
+        wanted: int | None,
+        verb: str,
+        token: int | None,
+        change: Callable[[int], bool],
+        landed: Callable[[Stored | None, int], bool | None],
+        *,
+        missing_ok: bool = False,
+    ) -> int | None:
+        """Read the row's version under its lock and ``change`` it, in one transaction.
+
+        Returns the version that was changed; None when there was no row and
+        ``missing_ok`` (with no ``wanted`` version).
+        """
+        # Set once the change went through inside the block: leaving it sends the COMMIT.
+        committing: int | None = None
         try:
             with self.store.row_locked(machine_id) as current:
-                self._check_current(machine_id, current, version, "overwrite")
+                if current is None and missing_ok and wanted is None:
+                    return None
+                self._check_current(machine_id, current, wanted, verb)
                 assert current is not None
-                expected = current
-                if not self.store.update(machine_id, text, current, meta, fence):
+                if not change(current):
                     self._raise_rejected(machine_id, current, token)
+                committing = current
         except self.store.transient_errors as exc:
-            if expected is None:  # only the row's version was read: nothing was written
-                raise WriteError(f"Writing machine {machine_id!r} failed: {exc}") from exc
-            self._settle(machine_id, exc, lambda row: _wrote(row, data, expected))
+            if committing is None:
+                # The transaction was never asked to commit, so it cannot have.
+                raise WriteError(
+                    f"Could not {verb} machine {machine_id!r}: {exc}. Nothing was stored."
+                ) from exc
+            version = committing
+            self._settle(machine_id, exc, lambda row: landed(row, version))
         except self.store.errors as exc:
-            raise WriteError(f"Writing machine {machine_id!r} failed: {exc}") from exc
-        assert expected is not None
-        self._written(machine_id, data, expected + 1, meta)
-        return expected + 1
+            raise WriteError(f"Could not {verb} machine {machine_id!r}: {exc}") from exc
+        return committing
 
     @staticmethod
     def _check_current(machine_id: str, current: int | None, wanted: int | None, verb: str) -> None:
@@ -550,22 +583,15 @@ class MachineMemory:
         self, machine_id: str, version: int | None, token: int | None, fence: Fence
     ) -> None:
         """Delete whatever version is stored (or ``version``), under the row's lock."""
-        expected: int | None = None
-        try:
-            with self.store.row_locked(machine_id) as current:
-                if current is None and version is None:
-                    return  # nothing stored: nothing to do
-                self._check_current(machine_id, current, version, "delete")
-                assert current is not None
-                expected = current
-                if not self.store.delete(machine_id, current, fence):
-                    self._raise_rejected(machine_id, current, token)
-        except self.store.transient_errors as exc:
-            if expected is None:
-                raise WriteError(f"Deleting machine {machine_id!r} failed: {exc}") from exc
-            self._settle(machine_id, exc, lambda row: _deleted(row, expected))
-        except self.store.errors as exc:
-            raise WriteError(f"Deleting machine {machine_id!r} failed: {exc}") from exc
+        self._change_locked_row(
+            machine_id,
+            version,
+            "delete",
+            token,
+            lambda current: self.store.delete(machine_id, current, fence),
+            _deleted,
+            missing_ok=True,
+        )
 
     def cleanup(
         self,
