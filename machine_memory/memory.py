@@ -346,14 +346,11 @@ class MachineMemory:
         text = encode_state(data, self.max_state_bytes)
         meta = resolve_metadata(data, metadata, machine_id)
         version = _version_argument(version)
-        token = self._held.get(machine_id)
-        fence = self._fence(machine_id, token)
         changed = self._change_locked_row(
             machine_id,
             version,
             "overwrite",
-            token,
-            lambda current: self.store.update(machine_id, text, current, meta, fence),
+            lambda current, fence: self.store.update(machine_id, text, current, meta, fence),
             lambda row, current: _wrote(row, data, current),
         )
         assert changed is not None
@@ -365,8 +362,7 @@ class MachineMemory:
         machine_id: str,
         wanted: int | None,
         verb: str,
-        token: int | None,
-        change: Callable[[int], bool],
+        change: Callable[[int, Fence], bool],
         landed: Callable[[Stored | None, int], bool | None],
         *,
         missing_ok: bool = False,
@@ -374,8 +370,10 @@ class MachineMemory:
         """Read the row's version under its lock and ``change`` it, in one transaction.
 
         Returns the version that was changed; None when there was no row and
-        ``missing_ok`` (with no ``wanted`` version).
+        ``missing_ok`` (with no ``wanted`` version). The fence is asked for only once there
+        is a row to change, so every lock backend answers a missing state alike.
         """
+        token = self._held.get(machine_id)
         # Set once the change went through inside the block: leaving it sends the COMMIT.
         committing: int | None = None
         try:
@@ -384,12 +382,15 @@ class MachineMemory:
                     return None
                 self._check_current(machine_id, current, wanted, verb)
                 assert current is not None
-                if not change(current):
+                if not change(current, self._fence(machine_id, token)):
                     self._raise_rejected(machine_id, current, token)
                 committing = current
         except self.store.transient_errors as exc:
             if committing is None:
-                # The transaction was never asked to commit, so it cannot have.
+                # The transaction was never asked to commit, so it cannot have. Its server
+                # session may still be waiting for the row lock, though, and would then
+                # hold it in a transaction nobody ends: end it, as far as that goes.
+                self._end_lost_session_quietly()
                 raise WriteError(
                     f"Could not {verb} machine {machine_id!r}: {exc}. Nothing was stored."
                 ) from exc
@@ -478,6 +479,15 @@ class MachineMemory:
             + ". Read the state before you retry.",
         ) from exc
 
+    def _end_lost_session_quietly(self) -> None:
+        if self.store.in_transaction():
+            return  # the caller's atomic() ends that session when it closes the connection
+        try:
+            if not self.store.end_lost_session():
+                logger.warning("A failed statement's server session could not be ended.")
+        except self.store.errors as exc:
+            logger.warning("Could not end a failed statement's server session: %s", exc)
+
     def _raise_rejected(self, machine_id: str, expected: int | None, token: int | None) -> None:
         try:
             actual = self._current_version(machine_id)
@@ -554,12 +564,14 @@ class MachineMemory:
     def _delete_state(
         self, machine_id: str, prev_data: dict[str, Any] | None, version: int | None
     ) -> None:
-        token = self._held.get(machine_id)
-        fence = self._fence(machine_id, token)
         if prev_data is None:
-            self._delete_current(machine_id, version, token, fence)
+            self._delete_current(machine_id, version)
             return
         expected = self._expected_version(machine_id, prev_data)[0]
+        # Fenced after the version is known, as in write(): a missing state is a
+        # WriteConflict with every lock backend.
+        token = self._held.get(machine_id)
+        fence = self._fence(machine_id, token)
         try:
             deleted = self.store.delete(machine_id, expected, fence)
         except NothingSent as exc:
@@ -579,16 +591,13 @@ class MachineMemory:
         if not gone:
             self._raise_rejected(machine_id, expected, token)
 
-    def _delete_current(
-        self, machine_id: str, version: int | None, token: int | None, fence: Fence
-    ) -> None:
+    def _delete_current(self, machine_id: str, version: int | None) -> None:
         """Delete whatever version is stored (or ``version``), under the row's lock."""
         self._change_locked_row(
             machine_id,
             version,
             "delete",
-            token,
-            lambda current: self.store.delete(machine_id, current, fence),
+            lambda current, fence: self.store.delete(machine_id, current, fence),
             _deleted,
             missing_ok=True,
         )
