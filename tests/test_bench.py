@@ -1,7 +1,7 @@
 """``manage.py machine_memory_bench`` on every database: output, clean-up, workers, bad input.
 
 Small numbers only: these tests prove the command works and leaves nothing behind, never
-how fast anything is (no timing assertions, SPEC §5 and issue 3).
+how fast anything is (no timing assertions, docs/contract.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Lock decisions follow the storage's clock, never the application server's (SPEC §2).
+"""Lock decisions follow the storage's clock, never the application server's
+(docs/contract.md#clocks).
 
 The application's clock is moved an hour either way (``time.time`` and Django's
 ``timezone.now``); a memory that judged expiry by it would hand out a live lock (clock ahead)

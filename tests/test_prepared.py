@@ -2,7 +2,7 @@
 
 What is prepared is read from ``pg_prepared_statements`` of the very session that ran the
 statements (Django's cursor on the same connection), never from the code's own flags.
-SPEC §3: session state such as prepared statements is off where the alias sets
+docs/contract.md#poolers: session state such as prepared statements is off where the alias sets
 ``DISABLE_SERVER_SIDE_CURSORS`` or ``MACHINE_MEMORY["PREPARED_STATEMENTS"]`` says so.
 """
 
