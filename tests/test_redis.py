@@ -528,8 +528,8 @@ def test_down_write_of_a_holder_raises_write_error_and_stores_nothing(
 ) -> None:
     """The fence cannot be checked: write() raises before the database statement.
 
-    WriteError (not LockError, not WriteConflict): it is write() that failed, and docs/contract.md#write
-    says a raised write error means nothing was stored; the event is redelivered.
+    WriteError (not LockError, not WriteConflict): it is write() that failed, and a raised
+    write error means nothing was stored (docs/contract.md#write); the event is redelivered.
     """
     down.write(mid, {"n": 0}, None)  # no lock held: only version-checked, Redis not asked
     state = down.read(mid)
