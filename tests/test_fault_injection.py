@@ -891,51 +891,61 @@ def test_overwrite_whose_commit_reply_was_lost_returns_the_new_version(
 
 
 def test_overwrite_cut_before_its_update_stores_nothing(proxied: ProxiedDatabase, mid: str) -> None:
-    """The row is locked and read, then the connection breaks: the server's session still
-    holds the row lock in an open transaction, and is ended before anything is decided."""
+    """The row is locked and read, then the connection breaks before the UPDATE: the
+    transaction was never asked to commit, so nothing can land."""
     memory = MachineMemory(using=proxied.alias)
     memory.write(mid, {"n": 0}, None)
-    session = backend_id(proxied.alias)
     trigger = proxied.proxy.cut_before(UPDATE_STATE, keep_upstream=True)
     assert_nothing_stored(attempt(lambda: memory.overwrite(mid, {"n": 1})))
     assert trigger.count == 1
-    assert not session_alive(proxied.real, session)
     assert_stays(proxied.real, mid, {"n": 0})
+    proxied.proxy.release_upstreams()  # whatever the memory did about the old session
     assert memory.overwrite(mid, {"n": 1}) == 2  # the redelivered event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: overwrite() raises WriteError at once when its connection breaks during "
-    "SELECT ... FOR UPDATE, without ending the server session, which then holds the row lock",
-)
-def test_overwrite_cut_while_waiting_for_the_row_lock_leaves_the_row_usable(
-    proxied: ProxiedDatabase, mid: str
+@pytest.mark.parametrize("operation", ["overwrite", "delete"])
+@pytest.mark.parametrize("where", ["row-lock-wait", "before-change"])
+def test_row_locked_change_cut_leaves_the_row_usable(
+    proxied: ProxiedDatabase, mid: str, operation: str, where: str
 ) -> None:
-    """Cut while its SELECT ... FOR UPDATE waits: nothing can land (no UPDATE was sent), but
-    the server's session, which did not notice, gets the row lock once the blocker commits
-    and would hold it in its open transaction until the server notices the dead client
-    (hours, with default keepalives): every later write to the id would hang."""
+    """overwrite() and delete() without prev_data lock the row (SELECT ... FOR UPDATE) in a
+    transaction. Cut while that waits for the row lock, or after it got the lock but before
+    the change: nothing can land, but a server session that did not notice the cut holds the
+    row lock in its open transaction until the server notices the dead client (hours, with
+    default keepalives), and every later write to the id would hang. The memory must end
+    that session."""
     memory = MachineMemory(using=proxied.alias)
     memory.write(mid, {"n": 0}, None)
-    connections[proxied.alias].close()
-    wait_until(lambda: proxied.proxy.open_links == 0, "the set-up connection to close")
-    sessions: list[int] = []
+    run_operation: Callable[[], Any] = (
+        (lambda: memory.overwrite(mid, {"n": 1}))
+        if operation == "overwrite"
+        else (lambda: memory.delete(mid))
+    )
+    if where == "before-change":
+        change = UPDATE_STATE if operation == "overwrite" else DELETE_STATE
+        proxied.proxy.cut_before(change, keep_upstream=True)
+        assert_nothing_stored(attempt(run_operation))
+    else:
+        connections[proxied.alias].close()
+        wait_until(lambda: proxied.proxy.open_links == 0, "the set-up connection to close")
+        sessions: list[int] = []
 
-    def on_the_wire() -> BaseException | None:
-        sessions.append(backend_id(proxied.alias))
-        return attempt(lambda: memory.overwrite(mid, {"n": 1}))
+        def on_the_wire() -> BaseException | None:
+            sessions.append(backend_id(proxied.alias))
+            return attempt(run_operation)
 
-    with row_locked(proxied.real, mid, "update"):
-        sent = proxied.proxy.watch(SELECT_FOR_UPDATE)
-        run = ThreadRun(on_the_wire)
-        assert sent.wait(10)
-        wait_until(
-            lambda: server_says(proxied.real, WAITING_FOR_A_ROW_LOCK[proxied.real], sessions[0]),
-            "the SELECT ... FOR UPDATE to wait for the row lock",
-        )
-        assert proxied.proxy.cut(keep_upstream=True) == 1
-        assert_nothing_stored(run.result(timeout=20))
+        with row_locked(proxied.real, mid, "update"):
+            sent = proxied.proxy.watch(SELECT_FOR_UPDATE)
+            run = ThreadRun(on_the_wire)
+            assert sent.wait(10)
+            wait_until(
+                lambda: server_says(
+                    proxied.real, WAITING_FOR_A_ROW_LOCK[proxied.real], sessions[0]
+                ),
+                "the SELECT ... FOR UPDATE to wait for the row lock",
+            )
+            assert proxied.proxy.cut(keep_upstream=True) == 1
+            assert_nothing_stored(run.result(timeout=20))
     assert_stays(proxied.real, mid, {"n": 0})
     # Another worker's write to the id goes through: no dead session holds the row.
     other = ThreadRun(lambda: MachineMemory(using=proxied.real).write(mid, {"n": 5}, {"n": 0}))
@@ -943,7 +953,7 @@ def test_overwrite_cut_while_waiting_for_the_row_lock_leaves_the_row_usable(
         other.result(timeout=5)
     except queue.Empty:
         raise AssertionError(
-            "a write to the id hangs: the cut overwrite's server session holds the row lock"
+            f"a write to the id hangs: the cut {operation}'s server session holds the row lock"
         ) from None
     finally:
         proxied.proxy.release_upstreams()  # lets a hanging write finish before teardown

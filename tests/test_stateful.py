@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 OWNERS = 3
 IDS = 2
 TTL = 600.0
+# More for a longer hunt: MM_STATEFUL_EXAMPLES=500.
+EXAMPLES = int(os.environ.get("MM_STATEFUL_EXAMPLES", "25"))
 
 # ("ok", value) or ("raised", exception type name)
 Outcome = tuple[str, Any]
@@ -203,25 +206,12 @@ class MemoryComparison(RuleBasedStateMachine):
         mid = self.ids[which]
         self.same_lock(self.both(lambda memory: memory.lock_info(mid), None))
 
-    def same_delete(self, mid: str, outcomes: tuple[Outcome, Outcome]) -> None:
-        if (
-            self.locks == "redis"
-            and outcomes == (("raised", "LockLost"), ("ok", None))
-            and self.simple_operator.read(mid) is None
-        ):
-            # The known divergence pinned by test_redis_delete_of_a_missing_state_after_a_
-            # takeover_is_no_error (xfail): Redis fences before it looks for the state.
-            KNOWN_DIVERGENCES.append(mid)
-            return
-        self.same(outcomes)
-
     @rule(owner=owners, which=which_id, data=prev_kinds, pick=st.integers(0, 1000))
     def cleanup(self, owner: int, which: int, data: str, pick: int) -> None:
         """CLEANUP="delete": delete the state if it is still ``data``, then unlock."""
         mid = self.ids[which]
         data_db, data_simple = self.prev_for(owner, which, data, pick)
-        self.same_delete(
-            mid,
+        self.same(
             (
                 outcome(lambda: self.db[owner].cleanup(mid, data_db, None)),
                 outcome(lambda: self.simple[owner].cleanup(mid, data_simple, None)),
@@ -232,8 +222,7 @@ class MemoryComparison(RuleBasedStateMachine):
     def delete(self, owner: int, which: int, prev: str, pick: int) -> None:
         mid = self.ids[which]
         prev_db, prev_simple = self.prev_for(owner, which, prev, pick)
-        self.same_delete(
-            mid,
+        self.same(
             (
                 outcome(lambda: self.db[owner].delete(mid, prev_db)),
                 outcome(lambda: self.simple[owner].delete(mid, prev_simple)),
@@ -265,8 +254,6 @@ class MemoryComparison(RuleBasedStateMachine):
 
 # Invariant checks run, across all examples of a test (proof that steps really ran).
 STEPS: list[int] = []
-# Ids where the known Redis divergence below was seen (and tolerated).
-KNOWN_DIVERGENCES: list[str] = []
 
 
 @pytest.fixture
@@ -302,17 +289,15 @@ def test_database_memory_behaves_like_the_simple_memory(
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=25,
+            max_examples=EXAMPLES,
             stateful_step_count=25,
             deadline=None,
             database=None,  # nothing written to .hypothesis/
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
-    assert len(STEPS) >= 25 * 10, f"only {len(STEPS)} steps ran"
+    assert len(STEPS) >= EXAMPLES * 10, f"only {len(STEPS)} steps ran"
     STEPS.clear()
-    assert locks == "redis" or not KNOWN_DIVERGENCES
-    KNOWN_DIVERGENCES.clear()
 
 
 @pytest.mark.parametrize(
@@ -327,17 +312,10 @@ def test_delete_of_a_missing_state_after_a_takeover_is_no_error(
 ) -> None:
     """Found by the state machine: A locks, an operator force-unlocks, B locks, A deletes an id
     that has no state. "A missing state is not an error" (docs/contract.md, delete): with
-    database locks (and in SimpleMachineMemory) nothing happens; with Redis locks the
-    fence check runs first and raises LockLost."""
+    database locks (and in SimpleMachineMemory) nothing happens; with Redis locks the fence
+    check used to run first and raise LockLost."""
     if locks == "redis":
         request.getfixturevalue("redis_faults")
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="core bug: with Redis locks delete()/cleanup() fence before looking for "
-                "the state, so a missing state raises LockLost after a takeover",
-            )
-        )
     mid = new_id("missing")
     holder = database_memory(alias, locks, lock_retries=0, cleanup="delete")
     heir = database_memory(alias, locks, lock_retries=0)
