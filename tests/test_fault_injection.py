@@ -832,6 +832,68 @@ def test_write_overwritten_before_it_could_be_checked_is_unknown(
     assert read_real(proxied.real, mid) == {"n": 2}
 
 
+def test_create_deleted_before_it_could_be_checked_is_unknown(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """Our create landed, its reply was lost, and another worker deleted the state before the
+    check: the row is absent, as if ours had never landed. A WriteError would say "nothing
+    was stored", which is false; the row no longer tells, so the outcome is unknown."""
+    memory = MachineMemory(using=proxied.alias)
+    op = prepare(memory, proxied, mid, "create")
+    assert memory.read(mid) is None  # connected
+    connected = proxied.proxy.accepted
+    proxied.proxy.cut_after_reply(op.statement, keep_upstream=True, then="stall")
+
+    def delete_it() -> None:
+        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
+        other = MachineMemory(using=proxied.real)
+        assert other.read(mid) == {"n": 1}  # ours landed
+        other.delete(mid)
+        proxied.proxy.resume()
+
+    helper = ThreadRun(delete_it)
+    outcome = attempt(op.run)
+    helper.result(timeout=20)
+    assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="contract conflict: step 3 of #when-the-connection-dies takes the next version "
+    "with our content as ours, but an equal write by another worker looks the same, and "
+    "then both writers from one version are told they succeeded",
+)
+def test_write_that_never_ran_is_not_mistaken_for_an_equal_write(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """Two workers write the same new state from the same version (the same event delivered
+    twice computes the same state). Ours is cut before it reaches the server and theirs
+    lands before our check: exactly one of two writers from one version may succeed, so
+    ours must not return normally (WriteError, or unknown if it cannot tell)."""
+    memory = MachineMemory(using=proxied.alias)
+    op = prepare(memory, proxied, mid, "update")
+    connected = proxied.proxy.accepted
+    sent = proxied.proxy.watch(op.statement)
+    proxied.proxy.cut_before(op.statement, keep_upstream=True, then="stall")
+
+    def write_the_same() -> None:
+        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
+        other = MachineMemory(using=proxied.real)
+        prev = other.read(mid)
+        assert prev == {"n": 0}  # ours did not land
+        other.write(mid, {"n": 1}, prev)  # theirs, with the same content
+        proxied.proxy.resume()
+
+    helper = ThreadRun(write_the_same)
+    outcome = attempt(op.run)
+    helper.result(timeout=20)
+    assert sent.count == 0  # our statement never reached the server
+    assert read_real(proxied.real, mid) == {"n": 1}
+    assert isinstance(outcome, WriteError | WriteOutcomeUnknown), (
+        "returned normally: both writers from version 1 were told they succeeded"
+    )
+
+
 def test_write_inside_atomic_fails_at_once_and_never_lands(
     proxied: ProxiedDatabase, mid: str
 ) -> None:
