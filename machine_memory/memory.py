@@ -95,8 +95,8 @@ def _wrote(row: Stored | None, data: dict[str, Any], expected: int | None) -> bo
     """
     target = 1 if expected is None else expected + 1
     if row is None:
-        # Created by nobody, or (an update's row) deleted since: ours may have landed first.
-        return False if expected is None else None
+        # Never created, or deleted since by someone who saw ours: the row cannot tell.
+        return None
     if row.version == target:
         # Only one compare-and-set can take ``expected`` to ``target``.
         return json_equal(decode_state(row.document), data)
