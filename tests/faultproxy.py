@@ -279,15 +279,16 @@ class FaultProxy:
                 waiting = self._match(("cut_after_reply", "hold_reply"), link, data)
                 if waiting is not None:
                     link.reply_triggers.append(waiting)
-                self.bytes_up += len(data)  # counted first: the peer may see it at once
-                link.upstream.write(data)
-                await link.upstream.drain()
+                # Counted before the write: the server (and then the client) may see it at once.
+                self.bytes_up += len(data)
                 for watch in self._watches:
                     found = _fresh(watch.pattern, link.tail, data)
                     if found:
                         watch.count += found
                         watch.event.set()
                 link.tail = (link.tail + data)[-MAX_PATTERN:]
+                link.upstream.write(data)
+                await link.upstream.drain()
         except (ConnectionError, OSError):
             pass
         finally:
