@@ -452,6 +452,10 @@ class MachineMemory:
         failed = f"Writing machine {machine_id!r} failed: {exc}"
         if self.store.in_transaction():
             # The caller's transaction is gone with the connection: nothing can commit.
+            self._end_lost_session_quietly()
+            raise WriteError(f"{failed}. Nothing was stored.") from exc
+        if self.store.failures_are_final:
+            self.store.recover()
             raise WriteError(f"{failed}. Nothing was stored.") from exc
         try:
             ended = self.store.end_lost_session()
@@ -480,8 +484,6 @@ class MachineMemory:
         ) from exc
 
     def _end_lost_session_quietly(self) -> None:
-        if self.store.in_transaction():
-            return  # the caller's atomic() ends that session when it closes the connection
         try:
             if not self.store.end_lost_session():
                 logger.warning("A failed statement's server session could not be ended.")

@@ -39,6 +39,9 @@ class Dialect:
     # Whether locks taken inside the caller's transaction.atomic() may use a second
     # connection of their own (SQLite allows one writer, so the two would deadlock).
     side_connection_ok = True
+    # Whether the database runs inside this process (SQLite): a statement that raised was
+    # rolled back there and then, and no server session can still be running it.
+    in_process = False
     # Whether the next fencing token is derived from the highest one in the lock table (no
     # sequences), so the row holding it must never be deleted.
     token_high_water_row = False

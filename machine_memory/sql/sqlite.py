@@ -21,6 +21,7 @@ class SQLiteDialect(Dialect):
     vendor = "sqlite"
     now_sql = "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')"
     side_connection_ok = False
+    in_process = True
     token_high_water_row = True
 
     def native(self, sql: str) -> str:

@@ -42,6 +42,9 @@ class StateStore(ABC):
     # The database alias the states live in, for the ORM-based tools (admin, API,
     # commands); None for a store outside Django's databases.
     using: str | None = None
+    # Whether a statement that raised is known to have changed nothing, with nothing of it
+    # still running anywhere (an in-process database): no outcome to settle then.
+    failures_are_final: bool = False
 
     @abstractmethod
     def load(self, machine_id: str) -> Stored | None: ...

@@ -46,6 +46,7 @@ class DatabaseStateStore(StateStore):
         self.using = using
         # The vendor is known from ENGINE without connecting.
         self.dialect = dialect_for(connections[using])
+        self.failures_are_final = self.dialect.in_process
 
     def __repr__(self) -> str:
         return f"<DatabaseStateStore using={self.using!r}>"
@@ -134,7 +135,8 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
     decided (docs/contract.md#write).
     """
     session = noted_session(connection)
-    if not connection.in_atomic_block:
+    inside_atomic = connection.in_atomic_block
+    if not inside_atomic:
         connection.close()
     if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False):
         # Behind a pooler (Django's hint) the session id names the pooler's client slot,
@@ -144,5 +146,15 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
     if session is None:
         return True  # nothing of ours ran on a server session
     dialect = dialect_for(connection)
+    if inside_atomic:
+        # The caller's atomic() keeps the broken connection until it exits: end the old
+        # session from a connection of our own, so it does not hold its row locks until the
+        # server notices the client is gone.
+        connection = connections.create_connection(connection.alias)
+        try:
+            with connection.wrap_database_errors:
+                return dialect.end_session(cursor_for(connection), session, SESSION_END_TIMEOUT)
+        finally:
+            connection.close()
     with connection.wrap_database_errors:
         return dialect.end_session(cursor_for(connection), session, SESSION_END_TIMEOUT)
