@@ -43,3 +43,17 @@ def use_test_databases() -> None:
         db = settings.DATABASES[alias]
         db["NAME"] = db.get("TEST", {})["NAME"]
     enable_sqlite_pragmas()
+
+
+# How each server names a session, ends one, and shows it (for the fault tests).
+BACKEND_ID = {"postgres": "SELECT pg_backend_pid()", "mariadb": "SELECT CONNECTION_ID()"}
+KILL = {"postgres": "SELECT pg_terminate_backend(%s)", "mariadb": "KILL %s"}
+ALIVE = {
+    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+    "mariadb": "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s",
+}
+WAITING_FOR_A_ROW_LOCK = {
+    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+    "mariadb": "SELECT 1 FROM information_schema.INNODB_TRX"
+    " WHERE trx_mysql_thread_id = %s AND trx_state = 'LOCK WAIT'",
+}

@@ -45,7 +45,7 @@ from machine_memory.exceptions import (
 )
 from machine_memory.locks.redis import RedisLockBackend
 from tests.faultproxy import FaultProxy, ProxyError
-from tests.support import new_id
+from tests.support import ALIVE, BACKEND_ID, WAITING_FOR_A_ROW_LOCK, new_id
 from tests.workers import ThreadRun
 
 if TYPE_CHECKING:
@@ -57,16 +57,6 @@ T = TypeVar("T")
 
 # -- what the servers call things -------------------------------------------------------------
 
-BACKEND_ID = {"postgres": "SELECT pg_backend_pid()", "mariadb": "SELECT CONNECTION_ID()"}
-ALIVE = {
-    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s",
-    "mariadb": "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s",
-}
-WAITING_FOR_A_ROW_LOCK = {
-    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
-    "mariadb": "SELECT 1 FROM information_schema.INNODB_TRX"
-    " WHERE trx_mysql_thread_id = %s AND trx_state = 'LOCK WAIT'",
-}
 # How often to look. InnoDB refreshes what INNODB_TRX shows only when nobody has read it for
 # 0.1 s (trx_i_s_cache: every read postpones the refresh), so faster polling reads the same
 # stale rows for ever.

@@ -28,6 +28,7 @@ from machine_memory.exceptions import (
     WriteOutcomeUnknown,
 )
 from machine_memory.models import MachineState
+from tests.support import ALIVE, BACKEND_ID, KILL, WAITING_FOR_A_ROW_LOCK
 from tests.workers import ThreadRun, in_thread
 
 if TYPE_CHECKING:
@@ -38,19 +39,6 @@ if TYPE_CHECKING:
 SERVERS = pytest.mark.parametrize("alias", ["postgres", "mariadb"], indirect=True)
 # read gives up within this many seconds, whatever READ_RETRIES says (the contract).
 READ_DEADLINE = 1.0
-
-# How each server names a session, ends one, and shows it.
-BACKEND_ID = {"postgres": "SELECT pg_backend_pid()", "mariadb": "SELECT CONNECTION_ID()"}
-KILL = {"postgres": "SELECT pg_terminate_backend(%s)", "mariadb": "KILL %s"}
-ALIVE = {
-    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s",
-    "mariadb": "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s",
-}
-WAITING_FOR_A_ROW_LOCK = {
-    "postgres": "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
-    "mariadb": "SELECT 1 FROM information_schema.INNODB_TRX"
-    " WHERE trx_mysql_thread_id = %s AND trx_state = 'LOCK WAIT'",
-}
 
 
 def vendor_of(alias: str) -> str:
