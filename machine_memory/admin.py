@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.utils import quote
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import quote, unquote
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
@@ -109,7 +110,19 @@ class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
 
 
 class SortableByOnlyChangeList(ChangeList):
-    """Ignores ``?o=`` for columns outside ``sortable_by``: Django only hides their links."""
+    """Ignores ``?o=`` for columns outside ``sortable_by``: Django only hides their links.
+
+    Refuses NUL in filter and search values the way Django refuses a lookup it cannot run
+    (a redirect to ``?e=1``): PostgreSQL raises on NUL in a text parameter, and no id,
+    status or source can hold one (docs/contract.md#ids).
+    """
+
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> Any:
+        if any("\x00" in value for _, values in request.GET.lists() for value in values):
+            raise IncorrectLookupParameters("NUL in a filter or search value.")
+        if exclude_parameters is None:  # Django 4.2 has no such argument
+            return super().get_queryset(request)
+        return super().get_queryset(request, exclude_parameters)
 
     def get_ordering_field(self, field_name: Any) -> Any:
         if self.sortable_by is not None and field_name not in self.sortable_by:
@@ -133,6 +146,13 @@ class UsingDatabaseAdmin(ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         return super().get_queryset(request).using(conf.DATABASE)
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> Any:
+        if "\x00" in unquote(object_id):  # no id holds NUL, and PostgreSQL refuses it
+            return None
+        return super().get_object(request, object_id, from_field)
 
     def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
         obj.save(using=conf.DATABASE)

@@ -64,6 +64,9 @@ UNLOCK_BACKOFF = 0.02
 # lock(): each pause is scaled by a random factor within ±10%, so that workers denied
 # together do not retry together.
 LOCK_JITTER = 0.1
+# overwrite(create=True): a state can be created or deleted by an unfenced writer between
+# the look and the change; after this many rounds the last WriteConflict is raised.
+CREATE_OR_OVERWRITE_ATTEMPTS = 3
 
 
 def default_owner() -> str:
@@ -335,27 +338,44 @@ class MachineMemory:
         *,
         version: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        create: bool = False,
     ) -> int:
         """Store ``data`` over whatever version is stored (or only over ``version``).
 
         Reads the version and writes under the row's lock in one transaction, so it never
         loses to a concurrent writer; fenced like ``write``. Returns the new version.
-        No state stored, or another version than ``version``: ``WriteConflict``.
+        No state stored, or another version than ``version``: ``WriteConflict``, unless
+        ``create`` asks to create the state then (version 1 is returned).
         """
         machine_id = validate_id(machine_id)
         text = encode_state(data, self.max_state_bytes)
         meta = resolve_metadata(data, metadata, machine_id)
         version = _version_argument(version)
-        changed = self._change_locked_row(
-            machine_id,
-            version,
-            "overwrite",
-            lambda current, fence: self.store.update(machine_id, text, current, meta, fence),
-            lambda row, current: _wrote(row, data, current),
-        )
-        assert changed is not None
-        self._written(machine_id, data, changed + 1, meta)
-        return changed + 1
+        if create and version is not None:
+            raise ValueError("create=True stores over whatever version exists; pass no version.")
+        for attempt in range(CREATE_OR_OVERWRITE_ATTEMPTS):
+            changed = self._change_locked_row(
+                machine_id,
+                version,
+                "overwrite",
+                lambda current, fence: self.store.update(machine_id, text, current, meta, fence),
+                lambda row, current: _wrote(row, data, current),
+                missing_ok=create,
+            )
+            if changed is not None:
+                self._written(machine_id, data, changed + 1, meta)
+                return changed + 1
+            try:
+                self.write(machine_id, data, None, metadata)
+            except LockLost:
+                raise
+            except WriteConflict:
+                # Created by another writer since the look: overwrite that one, a few times.
+                if attempt + 1 == CREATE_OR_OVERWRITE_ATTEMPTS:
+                    raise
+                continue
+            return 1
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _change_locked_row(
         self,

@@ -1105,14 +1105,31 @@ def test_the_schema_is_valid_openapi() -> None:
     assert set(paths) == {
         f"{PREFIX}/states/",
         f"{PREFIX}/states/{{machine_id}}/",
+        f"{PREFIX}/state/",
         f"{PREFIX}/locks/",
         f"{PREFIX}/locks/{{machine_id}}/",
+        f"{PREFIX}/lock/",
     }
-    put = paths[f"{PREFIX}/states/{{machine_id}}/"]["put"]
-    assert {"200", "201", "400", "404", "409", "412", "428", "503"} <= set(put["responses"])
-    assert "ETag" in put["responses"]["200"]["headers"]
-    headers = {p["name"] for p in put["parameters"] if p["in"] == "header"}
-    assert headers == {"If-Match", "If-None-Match", "Lock-Token"}
+    for state_path, where in [
+        (f"{PREFIX}/states/{{machine_id}}/", "path"),
+        (f"{PREFIX}/state/", "query"),
+    ]:
+        put = paths[state_path]["put"]
+        assert {"200", "201", "400", "404", "409", "412", "428", "503"} <= set(put["responses"])
+        assert "ETag" in put["responses"]["200"]["headers"]
+        headers = {p["name"] for p in put["parameters"] if p["in"] == "header"}
+        assert headers == {"If-Match", "If-None-Match", "Lock-Token"}
+        ids = [p for p in put["parameters"] if p["in"] == where]
+        assert [p["name"] for p in ids] == (["machine_id"] if where == "path" else ["id"])
+    for lock_path in [f"{PREFIX}/locks/{{machine_id}}/", f"{PREFIX}/lock/"]:
+        post = paths[lock_path]["post"]
+        request = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        acquire = schema["components"]["schemas"][request.rsplit("/", 1)[1]]
+        assert set(acquire["properties"]) == {"ttl", "wait", "read"}
+        assert acquire["properties"]["wait"]["maximum"] == 1.0
+        response = post["responses"]["201"]["content"]["application/json"]["schema"]["$ref"]
+        acquired = schema["components"]["schemas"][response.rsplit("/", 1)[1]]
+        assert "state" in acquired["properties"]
 
 
 # -- the two MachineMemory methods the API needs ------------------------------------------

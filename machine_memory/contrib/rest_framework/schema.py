@@ -19,10 +19,12 @@ from drf_spectacular.utils import (
 )
 
 from machine_memory.contrib.rest_framework.serializers import (
+    MAX_LOCK_WAIT,
     MAX_TTL,
     MIN_TTL,
     ErrorSerializer,
     LockAcquiredSerializer,
+    LockAcquireSerializer,
     LockRequestSerializer,
     LockSerializer,
     StateSerializer,
@@ -40,7 +42,15 @@ MACHINE_ID = OpenApiParameter(
     {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
     OpenApiParameter.PATH,
     description='The machine id as ONE path segment: quote(id, safe=""), so "/" is %2F. '
-    'Ids "." and ".." are sent as %2E and %2E%2E.',
+    'Ids "." and ".." cannot be sent from WHATWG-URL clients (fetch): use the ?id= form.',
+)
+ID_QUERY = OpenApiParameter(
+    "id",
+    {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+    OpenApiParameter.QUERY,
+    required=True,
+    description="The machine id, percent-encoded as a query value (URLSearchParams). Reaches "
+    "every id from every client, dots included.",
 )
 LOCK_TOKEN_HELP = 'The lock_token that POST locks/{id}/ returned: "<fencing token>.<secret>".'
 # What the views accept (views.LOCK_TOKEN, views.ENTITY_TAG), narrowed to the tags this API
@@ -165,139 +175,164 @@ class LockListSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
         return _annotated(self.target_class, get=operation)
 
 
+def _state_operations(machine_id: OpenApiParameter) -> dict[str, Any]:
+    lock_token = _header(
+        "Lock-Token",
+        f"{LOCK_TOKEN_HELP} Fences the write: 409 lock_lost once another owner has "
+        "taken the lock over.",
+        LOCK_TOKEN_PATTERN,
+    )
+    get = extend_schema(
+        tags=TAGS,
+        summary="Read a state; its version is the ETag",
+        parameters=[
+            machine_id,
+            _header(
+                "If-None-Match",
+                'An ETag ("3") or *: 304 while it still matches.',
+                ETAGS_PATTERN,
+            ),
+            ETAG_HEADER,
+            ETAG_ON_FAILURE,
+            *COMMON_HEADERS,
+        ],
+        responses={
+            200: StateSerializer,
+            304: OpenApiResponse(description="Not modified: If-None-Match matched."),
+            404: _error("not_found: no state"),
+            **ON_ID,
+        },
+    )
+    put = extend_schema(
+        tags=TAGS,
+        summary="Create, compare-and-set, or overwrite a state",
+        description=(
+            "If-None-Match: * creates (412 if a state exists). "
+            'If-Match: "<version>" compares and sets (412 when stale). '
+            "If-Match: * overwrites whatever version exists (404 if none). "
+            "Neither, with Lock-Token: the lock holder creates or overwrites (fenced). "
+            "Neither, without: creates, or 428 when a state exists."
+        ),
+        parameters=[
+            machine_id,
+            _header("If-Match", 'The ETag this write is based on ("3"), or *.', ETAGS_PATTERN),
+            _header("If-None-Match", "* to create only.", r"^\*$"),
+            lock_token,
+            ETAG_HEADER,
+            ETAG_ON_FAILURE,
+            *COMMON_HEADERS,
+        ],
+        request=StateWriteSerializer,
+        responses=_bodied(
+            {
+                200: StateWrittenSerializer,
+                201: StateWrittenSerializer,
+                404: _error("not_found: If-Match: * and no state"),
+                409: _error("lock_lost: a fenced write after another owner took the lock"),
+                412: _error("precondition_failed: stale If-Match, or If-None-Match: *"),
+                428: _error("precondition_required: the state exists; send If-Match"),
+                **ON_ID,
+                503: WRITE_503,
+            }
+        ),
+    )
+    delete = extend_schema(
+        tags=TAGS,
+        summary="Delete a state",
+        parameters=[
+            machine_id,
+            _header("If-Match", 'Delete only at this version ("3"), or *.', ETAGS_PATTERN),
+            lock_token,
+            ETAG_ON_FAILURE,
+            *COMMON_HEADERS,
+        ],
+        responses={
+            204: OpenApiResponse(description="Deleted."),
+            404: _error("not_found: no state"),
+            409: _error("lock_lost: a fenced delete after another owner took the lock"),
+            412: _error("precondition_failed: stale If-Match"),
+            **ON_ID,
+            503: WRITE_503,
+        },
+    )
+    return {"get": get, "put": put, "delete": delete}
+
+
+def _lock_operations(machine_id: OpenApiParameter) -> dict[str, Any]:
+    ttl = f"ttl: seconds, {MIN_TTL} to {MAX_TTL:g}; default MACHINE_MEMORY['LOCK_TTL']."
+    required_token = _header("Lock-Token", LOCK_TOKEN_HELP, LOCK_TOKEN_PATTERN, required=True)
+    get = extend_schema(
+        tags=TAGS,
+        summary="The live lock: holder, fencing token, expiry (never its lock token)",
+        parameters=[machine_id, *COMMON_HEADERS],
+        responses={200: LockSerializer, 404: _error("not_found: no live lock"), **ON_ID},
+    )
+    post = extend_schema(
+        tags=TAGS,
+        summary="Acquire the lock; the response's lock_token is the only proof of ownership",
+        description=f"{ttl} wait: seconds to keep trying while another owner holds it, "
+        f"0 to {MAX_LOCK_WAIT:g}; default 0 (409 at once). read: true adds the state and "
+        "its ETag as they are under the lock.",
+        parameters=[machine_id, *COMMON_HEADERS],
+        request=LockAcquireSerializer,
+        responses=_bodied(
+            {
+                201: LockAcquiredSerializer,
+                409: _error("lock_held: another owner holds it (after wait, if asked)"),
+                **ON_ID,
+            }
+        ),
+    )
+    patch = extend_schema(
+        tags=TAGS,
+        summary="Extend the lock held with Lock-Token",
+        description=ttl,
+        parameters=[machine_id, required_token, *COMMON_HEADERS],
+        request=LockRequestSerializer,
+        responses=_bodied(
+            {
+                204: OpenApiResponse(description="Extended."),
+                409: _error("lock_not_held: expired or taken over"),
+                **ON_ID,
+            }
+        ),
+    )
+    delete = extend_schema(
+        tags=TAGS,
+        summary="Release the lock held with Lock-Token (204 also when no lock is live)",
+        parameters=[machine_id, required_token, *COMMON_HEADERS],
+        responses={
+            204: OpenApiResponse(description="Released, or no live lock."),
+            409: _error("lock_not_held: another owner holds it; it was left alone"),
+            **ON_ID,
+        },
+    )
+    return {"get": get, "post": post, "patch": patch, "delete": delete}
+
+
 class StateDetailSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
     target_class = f"{VIEWS}.StateDetailView"
 
     def view_replacement(self) -> Any:
-        lock_token = _header(
-            "Lock-Token",
-            f"{LOCK_TOKEN_HELP} Fences the write: 409 lock_lost once another owner has "
-            "taken the lock over.",
-            LOCK_TOKEN_PATTERN,
-        )
-        get = extend_schema(
-            tags=TAGS,
-            summary="Read a state; its version is the ETag",
-            parameters=[
-                MACHINE_ID,
-                _header(
-                    "If-None-Match",
-                    'An ETag ("3") or *: 304 while it still matches.',
-                    ETAGS_PATTERN,
-                ),
-                ETAG_HEADER,
-                ETAG_ON_FAILURE,
-                *COMMON_HEADERS,
-            ],
-            responses={
-                200: StateSerializer,
-                304: OpenApiResponse(description="Not modified: If-None-Match matched."),
-                404: _error("not_found: no state"),
-                **ON_ID,
-            },
-        )
-        put = extend_schema(
-            tags=TAGS,
-            summary="Create, compare-and-set, or overwrite a state",
-            description=(
-                "If-None-Match: * creates (412 if a state exists). "
-                'If-Match: "<version>" compares and sets (412 when stale). '
-                "If-Match: * overwrites whatever version exists (404 if none). "
-                "Neither: creates, or 428 when a state exists."
-            ),
-            parameters=[
-                MACHINE_ID,
-                _header("If-Match", 'The ETag this write is based on ("3"), or *.', ETAGS_PATTERN),
-                _header("If-None-Match", "* to create only.", r"^\*$"),
-                lock_token,
-                ETAG_HEADER,
-                ETAG_ON_FAILURE,
-                *COMMON_HEADERS,
-            ],
-            request=StateWriteSerializer,
-            responses=_bodied(
-                {
-                    200: StateWrittenSerializer,
-                    201: StateWrittenSerializer,
-                    404: _error("not_found: If-Match: * and no state"),
-                    409: _error("lock_lost: a fenced write after another owner took the lock"),
-                    412: _error("precondition_failed: stale If-Match, or If-None-Match: *"),
-                    428: _error("precondition_required: the state exists; send If-Match"),
-                    **ON_ID,
-                    503: WRITE_503,
-                }
-            ),
-        )
-        delete = extend_schema(
-            tags=TAGS,
-            summary="Delete a state",
-            parameters=[
-                MACHINE_ID,
-                _header("If-Match", 'Delete only at this version ("3"), or *.', ETAGS_PATTERN),
-                lock_token,
-                ETAG_ON_FAILURE,
-                *COMMON_HEADERS,
-            ],
-            responses={
-                204: OpenApiResponse(description="Deleted."),
-                404: _error("not_found: no state"),
-                409: _error("lock_lost: a fenced delete after another owner took the lock"),
-                412: _error("precondition_failed: stale If-Match"),
-                **ON_ID,
-                503: WRITE_503,
-            },
-        )
-        return _annotated(self.target_class, get=get, put=put, delete=delete)
+        return _annotated(self.target_class, **_state_operations(MACHINE_ID))
+
+
+class StateByIdSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
+    target_class = f"{VIEWS}.StateByIdView"
+
+    def view_replacement(self) -> Any:
+        return _annotated(self.target_class, **_state_operations(ID_QUERY))
 
 
 class LockDetailSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
     target_class = f"{VIEWS}.LockDetailView"
 
     def view_replacement(self) -> Any:
-        ttl = f"ttl: seconds, {MIN_TTL} to {MAX_TTL:g}; default MACHINE_MEMORY['LOCK_TTL']."
-        required_token = _header("Lock-Token", LOCK_TOKEN_HELP, LOCK_TOKEN_PATTERN, required=True)
-        get = extend_schema(
-            tags=TAGS,
-            summary="The live lock: holder, fencing token, expiry (never its lock token)",
-            parameters=[MACHINE_ID, *COMMON_HEADERS],
-            responses={200: LockSerializer, 404: _error("not_found: no live lock"), **ON_ID},
-        )
-        post = extend_schema(
-            tags=TAGS,
-            summary="Acquire the lock; the response's lock_token is the only proof of ownership",
-            description=ttl,
-            parameters=[MACHINE_ID, *COMMON_HEADERS],
-            request=LockRequestSerializer,
-            responses=_bodied(
-                {
-                    201: LockAcquiredSerializer,
-                    409: _error("lock_held: another owner holds it"),
-                    **ON_ID,
-                }
-            ),
-        )
-        patch = extend_schema(
-            tags=TAGS,
-            summary="Extend the lock held with Lock-Token",
-            description=ttl,
-            parameters=[MACHINE_ID, required_token, *COMMON_HEADERS],
-            request=LockRequestSerializer,
-            responses=_bodied(
-                {
-                    204: OpenApiResponse(description="Extended."),
-                    409: _error("lock_not_held: expired or taken over"),
-                    **ON_ID,
-                }
-            ),
-        )
-        delete = extend_schema(
-            tags=TAGS,
-            summary="Release the lock held with Lock-Token (204 also when no lock is live)",
-            parameters=[MACHINE_ID, required_token, *COMMON_HEADERS],
-            responses={
-                204: OpenApiResponse(description="Released, or no live lock."),
-                409: _error("lock_not_held: another owner holds it; it was left alone"),
-                **ON_ID,
-            },
-        )
-        return _annotated(self.target_class, get=get, post=post, patch=patch, delete=delete)
+        return _annotated(self.target_class, **_lock_operations(MACHINE_ID))
+
+
+class LockByIdSchema(OpenApiViewExtension):  # type: ignore[no-untyped-call]
+    target_class = f"{VIEWS}.LockByIdView"
+
+    def view_replacement(self) -> Any:
+        return _annotated(self.target_class, **_lock_operations(ID_QUERY))

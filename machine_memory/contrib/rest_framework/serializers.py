@@ -23,6 +23,12 @@ from machine_memory.validation import MAX_ID_LENGTH, METADATA_LENGTHS
 # unbounded value would overflow the databases' interval arithmetic.
 MAX_TTL = 86_400.0
 MIN_TTL = 0.001
+# Longest a POST locks/{id}/ may wait for a held lock, in seconds. Over HTTP a refusal is
+# answered at once by default: a waiting request holds a server worker, and the client
+# (or its broker, which redelivers) is the better place to wait.
+MAX_LOCK_WAIT = 1.0
+# Integers beyond this are refused before any float arithmetic: float(10**400) overflows.
+MAX_EXACT_FLOAT = 2**53
 
 
 class StrictSerializer(serializers.Serializer[Any]):
@@ -72,9 +78,23 @@ class SecondsField(serializers.FloatField):
     def to_internal_value(self, data: Any) -> float:
         if isinstance(data, bool) or not isinstance(data, int | float):
             self.fail("invalid")
+        if isinstance(data, int) and abs(data) > MAX_EXACT_FLOAT:
+            # A JSON integer can have thousands of digits; say what the range is.
+            if data > 0:
+                self.fail("max_value", max_value=self.max_value)
+            self.fail("min_value", min_value=self.min_value)
         if not math.isfinite(data):
             self.fail("invalid")
         return float(super().to_internal_value(data))
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean: ``"yes"``, ``1`` and ``"true"`` are refused, not coerced."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
 
 
 class LockRequestSerializer(StrictSerializer):
@@ -85,6 +105,23 @@ class LockRequestSerializer(StrictSerializer):
         min_value=MIN_TTL,
         max_value=MAX_TTL,
         help_text="Seconds the lock lives unless extended; default MACHINE_MEMORY['LOCK_TTL'].",
+    )
+
+
+class LockAcquireSerializer(LockRequestSerializer):
+    """The optional body of POST locks/{id}/."""
+
+    wait = SecondsField(
+        required=False,
+        min_value=0.0,
+        max_value=MAX_LOCK_WAIT,
+        help_text="Seconds to keep trying while another owner holds the lock; default 0: "
+        "a refusal is answered at once (409 lock_held).",
+    )
+    read = StrictBooleanField(
+        required=False,
+        help_text="true: the response's state carries the state and its ETag as they are "
+        "once the lock is held (lock + read in one request).",
     )
 
 
@@ -111,6 +148,12 @@ class LockSerializer(serializers.Serializer[Any]):
     expires_at = serializers.DateTimeField(help_text=CLOCK_HELP)
 
 
+class LockedStateSerializer(serializers.Serializer[Any]):
+    data = serializers.DictField()  # type: ignore[assignment]
+    version = serializers.IntegerField()
+    etag = serializers.CharField(help_text='The version as an ETag, for If-Match: "3".')
+
+
 class LockAcquiredSerializer(serializers.Serializer[Any]):
     id = serializers.CharField()
     lock_token = serializers.CharField(
@@ -123,6 +166,18 @@ class LockAcquiredSerializer(serializers.Serializer[Any]):
     expires_at = serializers.DateTimeField(
         allow_null=True, help_text="Null only if the lock expired before it could be read back."
     )
+    state = LockedStateSerializer(
+        required=False,
+        allow_null=True,
+        help_text='Only when the request asked for {"read": true}: the state once the lock '
+        "was held, or null when there is none.",
+    )
+
+    def to_representation(self, instance: Any) -> Any:
+        body = super().to_representation(instance)
+        if "state" not in instance:  # not asked for: absent, which is not null (no state)
+            body.pop("state", None)
+        return body
 
 
 class HeldLockSerializer(LockSummarySerializer):

@@ -7,9 +7,13 @@ the pattern takes everything between ``states/`` and the final ``/`` as the id, 
 used as it arrives, never unquoted a second time (an id may itself contain ``%41``). This
 stays exact as long as nothing between client and Django rewrites the decoded path:
 gunicorn, uvicorn, Django's runserver and the test client do not; Apache needs
-``AllowEncodedSlashes NoDecode``, nginx a ``proxy_pass`` without a URI part. The one id a
-client cannot send as ``quote()`` gives it is ``.`` or ``..`` (clients resolve dot
-segments): send ``%2E`` and ``%2E%2E``, as ``quote_id()`` does.
+``AllowEncodedSlashes NoDecode``, nginx a ``proxy_pass`` without a URI part.
+
+Two ids cannot go in a path from every client: ``.`` and ``..``. Clients built on the
+WHATWG URL standard (``fetch``, undici, browsers) resolve ``%2E`` and ``%2E%2E`` as dot
+segments too, before sending. ``state/?id=<id>`` and ``lock/?id=<id>`` are the same two
+resources with the id in the query string, which no client rewrites: the TypeScript client
+uses them for every id.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from importlib.util import find_spec
 from django.urls import path, re_path
 
 from machine_memory.contrib.rest_framework.views import (
+    LockByIdView,
     LockDetailView,
     LockListView,
+    StateByIdView,
     StateDetailView,
     StateListView,
 )
@@ -36,6 +42,9 @@ urlpatterns = [
     re_path(rf"^states/{MACHINE_ID}/\Z", StateDetailView.as_view(), name="state-detail"),
     path("locks/", LockListView.as_view(), name="lock-list"),
     re_path(rf"^locks/{MACHINE_ID}/\Z", LockDetailView.as_view(), name="lock-detail"),
+    # Not under states/ and locks/: there every path is an id.
+    path("state/", StateByIdView.as_view(), name="state-by-id"),
+    path("lock/", LockByIdView.as_view(), name="lock-by-id"),
 ]
 
 if find_spec("drf_spectacular") is not None:

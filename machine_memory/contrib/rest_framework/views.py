@@ -13,7 +13,12 @@ Concurrency rules (docs/contract.md#rest-api, docs/contract.md#write):
   sha256(secret)``, so neither the database nor ``GET`` ever holds a usable token. A
   request with the ``Lock-Token`` header rebuilds that owner and ``adopt()``s the fencing
   token: extend, release and fenced writes then behave exactly as in the worker that
-  called ``lock()``.
+  called ``lock()``. A ``PUT`` with a ``Lock-Token`` and no precondition creates or
+  overwrites, fenced: the holder needs to know nothing about the stored state.
+- Over HTTP nothing sleeps on the server unless the client asks: a refused lock is 409
+  at once, or after the client's bounded ``wait`` (docs/rest-api.md#locks).
+- Every id is also reachable as ``state/?id=`` and ``lock/?id=``, which WHATWG-URL
+  clients need for the ids ``.`` and ``..`` (urls.py).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import dataclasses
 import hashlib
 import re
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
 from rest_framework import generics, status
+from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
@@ -37,6 +44,7 @@ from machine_memory.contrib.rest_framework.errors import ApiError, exception_han
 from machine_memory.contrib.rest_framework.permissions import permission_classes
 from machine_memory.contrib.rest_framework.serializers import (
     LockAcquiredSerializer,
+    LockAcquireSerializer,
     LockRequestSerializer,
     LockSerializer,
     StateSerializer,
@@ -44,13 +52,15 @@ from machine_memory.contrib.rest_framework.serializers import (
     StateWriteSerializer,
     StateWrittenSerializer,
 )
-from machine_memory.exceptions import LockError, LockLost, WriteConflict
-from machine_memory.memory import MachineMemory
+from machine_memory.exceptions import LockError, LockLost, ReadError, WriteConflict
+from machine_memory.memory import LOCK_JITTER, MachineMemory
 from machine_memory.models import MachineLock, MachineState
-from machine_memory.validation import MAX_ID_LENGTH, validate_id
+from machine_memory.retry import pauses
+from machine_memory.validation import MAX_ID_LENGTH, MAX_STATE_DEPTH, validate_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
+    from typing import IO
 
     from rest_framework.permissions import _SupportsHasPermission
     from rest_framework.request import Request
@@ -64,6 +74,8 @@ MAX_TOKEN = 2**63 - 1
 VERSION_TAG = re.compile(r"[1-9][0-9]{0,18}\Z")
 # One entity tag of an If-Match / If-None-Match list (RFC 9110 §8.8.3), and its separator.
 ENTITY_TAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|\Z)')
+# POST locks/{id}/ with a wait: the pauses between attempts double from this.
+LOCK_WAIT_BACKOFF = 0.05
 
 
 def owner_for(secret: str) -> str:
@@ -168,6 +180,26 @@ def _query_text(request: Request, name: str, max_length: int) -> str | None:
     return value
 
 
+class BoundedJSONParser(JSONParser):
+    """JSON bodies; one nested too deeply for Python's parser is a 400, not a 500."""
+
+    def parse(
+        self,
+        stream: IO[Any],
+        media_type: str | None = None,
+        parser_context: Mapping[str, Any] | None = None,
+    ) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            # The json module recurses once per level and gives up near the interpreter's
+            # recursion limit (about 1,000 levels); a state may nest MAX_STATE_DEPTH levels.
+            raise ParseError(
+                f"JSON parse error - nested too deeply; states nest at most "
+                f"{MAX_STATE_DEPTH} levels."
+            ) from None
+
+
 class MachineMemoryAPIView(APIView):
     """The API's own policies: JSON only, its permissions and its error format.
 
@@ -175,7 +207,7 @@ class MachineMemoryAPIView(APIView):
     """
 
     renderer_classes = (JSONRenderer,)
-    parser_classes = (JSONParser,)
+    parser_classes = (BoundedJSONParser,)
 
     def get_permissions(self) -> list[_SupportsHasPermission]:
         return [permission() for permission in permission_classes()]
@@ -194,6 +226,27 @@ class MachineMemoryAPIView(APIView):
         return view
 
 
+class OneMachineAPIView(MachineMemoryAPIView):
+    """A view of one machine id: from the URL path, or from ``?id=`` (urls.py)."""
+
+    machine_id: str
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # authentication and permissions first
+        machine_id = kwargs.get("machine_id")
+        if machine_id is None:
+            given = request.query_params.getlist("id")
+            if len(given) != 1:
+                raise ApiError(
+                    400,
+                    "invalid_id",
+                    "Send the machine id once, as the query parameter id "
+                    "(?id=... percent-encoded, as URLSearchParams does).",
+                )
+            machine_id = given[0]
+        self.machine_id = validate_id(machine_id)
+
+
 class MachineIdCursorPagination(CursorPagination):
     """Pages in id order, positioned by the last id: no COUNT(*) over a large table."""
 
@@ -201,6 +254,15 @@ class MachineIdCursorPagination(CursorPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def decode_cursor(self, request: Request) -> Any:
+        cursor = super().decode_cursor(request)
+        # A cursor is the client's text: its position is compared with ids in SQL, and a
+        # NUL there is an error of the database (PostgreSQL), not a position.
+        position: object = None if cursor is None else cursor.position
+        if isinstance(position, str) and ("\x00" in position or len(position) > MAX_ID_LENGTH):
+            raise NotFound(self.invalid_cursor_message)
+        return cursor
 
 
 class StateListView(MachineMemoryAPIView, generics.ListAPIView[MachineState]):
@@ -228,11 +290,11 @@ class StateListView(MachineMemoryAPIView, generics.ListAPIView[MachineState]):
         return rows
 
 
-class StateDetailView(MachineMemoryAPIView):
-    """One state: GET (ETag), PUT (If-None-Match: * / If-Match), DELETE (If-Match)."""
+class StateDetailView(OneMachineAPIView):
+    """One state: GET (ETag), PUT (If-None-Match: * / If-Match / Lock-Token), DELETE (If-Match)."""
 
-    def get(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
+    def get(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
         memory = MachineMemory()
         try:
             row = MachineState.objects.using(memory.using).find(machine_id)
@@ -247,8 +309,8 @@ class StateDetailView(MachineMemoryAPIView):
         body = StateSerializer(row, context={"lock": lock}).data
         return Response(body, headers=_headers(row.version))
 
-    def put(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
+    def put(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
         body = StateWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data: dict[str, Any] = body.validated_data["data"]
@@ -263,7 +325,12 @@ class StateDetailView(MachineMemoryAPIView):
             )
         memory = _memory(request, machine_id)
         try:
-            if if_match is None:
+            if if_match is None and if_none_match is None and memory.holds(machine_id):
+                # The lock holder (Lock-Token) stores whatever is there, fenced: Arvo writes
+                # its failure record as write(id, failure, None) over an existing state.
+                version = self._create_or_overwrite(memory, machine_id, data, metadata)
+                created = version == 1
+            elif if_match is None:
                 created = self._create(memory, machine_id, data, metadata, if_none_match)
                 version = 1
             elif if_match.any:
@@ -310,6 +377,25 @@ class StateDetailView(MachineMemoryAPIView):
         return True
 
     @staticmethod
+    def _create_or_overwrite(
+        memory: MachineMemory,
+        machine_id: str,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None,
+    ) -> int:
+        try:
+            return memory.overwrite(machine_id, data, metadata=metadata, create=True)
+        except LockLost:
+            raise
+        except WriteConflict as exc:  # created and deleted by others, again and again
+            raise ApiError(
+                409,
+                "conflict",
+                f"Machine {machine_id!r} kept changing between creates and deletes by other "
+                "writers; nothing was stored. Retry.",
+            ) from exc
+
+    @staticmethod
     def _overwrite(
         memory: MachineMemory,
         machine_id: str,
@@ -342,8 +428,8 @@ class StateDetailView(MachineMemoryAPIView):
         except WriteConflict as exc:
             raise _stale(machine_id, exc.actual_version) from exc
 
-    def delete(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
+    def delete(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
         if_match = _precondition(request, "If-Match")
         memory = _memory(request, machine_id)
         try:
@@ -415,11 +501,11 @@ class LockListView(MachineMemoryAPIView, generics.ListAPIView[MachineLock]):
         return MachineLock.objects.using(memory.using).live()
 
 
-class LockDetailView(MachineMemoryAPIView):
+class LockDetailView(OneMachineAPIView):
     """One lock: GET (holder, no token), POST (acquire), PATCH (extend), DELETE (release)."""
 
-    def get(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
+    def get(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
         memory = MachineMemory()
         try:
             info = memory.lock_info(machine_id)
@@ -429,18 +515,27 @@ class LockDetailView(MachineMemoryAPIView):
             raise ApiError(404, "not_found", f"Machine {machine_id!r} has no live lock.")
         return Response(LockSerializer({"machine_id": machine_id, **_fields(info)}).data)
 
-    def post(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
-        ttl = self._ttl(request)
+    def post(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
+        options = LockAcquireSerializer(data=request.data)
+        options.is_valid(raise_exception=True)
+        ttl: float | None = options.validated_data.get("ttl")
+        wait: float = options.validated_data.get("wait", 0.0)
+        read: bool = options.validated_data.get("read", False)
         secret = secrets.token_urlsafe(32)
-        memory = MachineMemory(owner=owner_for(secret))
+        # One attempt per try: the waiting, if any, is this view's (LOCK_RETRIES is for
+        # workers, which have nobody to answer meanwhile).
+        memory = MachineMemory(owner=owner_for(secret), lock_retries=0)
+        body: dict[str, Any] = {"id": machine_id}
         try:
-            if not memory.lock(machine_id, ttl):
+            if not _acquire(memory, machine_id, ttl, wait):
                 raise ApiError(
                     409, "lock_held", f"Machine {machine_id!r} is locked by another owner."
                 )
             token = memory.held_token(machine_id)
             assert token is not None
+            if read:
+                body["state"] = _read_holding(memory, machine_id)
             try:
                 info = memory.lock_info(machine_id)
             except LockError:
@@ -448,8 +543,7 @@ class LockDetailView(MachineMemoryAPIView):
         finally:
             memory.close()
         times = _fields(info) if info is not None and info.token == token else {}
-        body = {
-            "id": machine_id,
+        body |= {
             "lock_token": f"{token}.{secret}",
             "owner": memory.owner,
             "token": token,
@@ -458,8 +552,8 @@ class LockDetailView(MachineMemoryAPIView):
         }
         return Response(LockAcquiredSerializer(body).data, status=status.HTTP_201_CREATED)
 
-    def patch(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
+    def patch(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
         ttl = self._ttl(request)
         memory = _memory(request, machine_id, lock_token_required=True)
         try:
@@ -475,8 +569,8 @@ class LockDetailView(MachineMemoryAPIView):
             )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    def delete(self, request: Request, machine_id: str) -> Response:
-        machine_id = validate_id(machine_id)
+    def delete(self, request: Request, **kwargs: Any) -> Response:
+        machine_id = self.machine_id
         memory = _memory(request, machine_id, lock_token_required=True)
         try:
             if memory.unlock(machine_id):
@@ -505,5 +599,41 @@ class LockDetailView(MachineMemoryAPIView):
         return ttl
 
 
+def _acquire(memory: MachineMemory, machine_id: str, ttl: float | None, wait: float) -> bool:
+    """Try to take the lock, for at most ``wait`` seconds (0: one attempt)."""
+    # A generous retry count: the deadline is what ends the waiting.
+    for pause in pauses(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER, deadline=wait):
+        if memory.lock(machine_id, ttl):
+            return True
+        if pause is None:
+            return False
+        time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_holding(memory: MachineMemory, machine_id: str) -> dict[str, Any] | None:
+    """The state read under the lock just taken, for the acquire response."""
+    try:
+        data = memory.read(machine_id)
+    except ReadError:
+        # The client gets a 503 and no token, so nobody could release the lock: do it
+        # now rather than leave the id blocked for a whole TTL.
+        memory.unlock(machine_id)
+        raise
+    if data is None:
+        return None
+    version = memory.version_of(machine_id, data)
+    assert version is not None
+    return {"data": data, "version": version, "etag": etag(version)}
+
+
 def _fields(info: LockInfo) -> dict[str, Any]:
     return dataclasses.asdict(info)
+
+
+class StateByIdView(StateDetailView):
+    """``state/?id=``: StateDetailView for clients that cannot put every id in a path."""
+
+
+class LockByIdView(LockDetailView):
+    """``lock/?id=``: LockDetailView for clients that cannot put every id in a path."""
