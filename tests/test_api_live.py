@@ -7,12 +7,14 @@ with urllib, so nothing here shares memory, connections or Django with the serve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -22,9 +24,11 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
+
+from tests.support import new_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -72,9 +76,9 @@ def example_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp_path = tmp_path_factory.mktemp("api_live")
+@contextlib.contextmanager
+def serve(tmp_path: Path, *gunicorn_args: str) -> Iterator[Server]:
+    """The example project under gunicorn on a fresh SQLite file, with two users' tokens."""
     env = example_env(tmp_path)
     setup = subprocess.run(
         [sys.executable, str(EXAMPLE / "manage.py"), "shell", "-c", SETUP],
@@ -102,10 +106,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 # Port 0: the kernel picks a free port; gunicorn logs which.
                 "--bind",
                 "127.0.0.1:0",
-                "--workers",
-                "4",
-                "--threads",
-                "4",
+                *gunicorn_args,
                 # A valid id takes up to 6,144 bytes percent-encoded (512 four-byte
                 # characters): above gunicorn's default request line of 4,094.
                 "--limit-request-line",
@@ -134,6 +135,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve(tmp_path_factory.mktemp("api_live"), "--workers", "4", "--threads", "4") as live:
+        yield live
 
 
 def wait_for_listening(process: subprocess.Popen[bytes], log: Path) -> str:
@@ -462,3 +469,158 @@ def test_the_example_runs_on_plain_django(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "no issues" in result.stdout
+
+
+# -- a refused lock does not hold a server worker ------------------------------------------
+
+SPINNERS = 4
+
+
+def spin_on_lock(
+    base: str, token: str, machine_id: str, seconds: float, results: Queue[Any]
+) -> None:
+    """Ask for a held lock again and again, as a client redelivering at once would."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        status, _, _ = request(
+            base, "POST", f"{API}/lock/?{urlencode({'id': machine_id})}", token, {}
+        )
+        latencies.append(time.monotonic() - started)
+        statuses[status] = statuses.get(status, 0) + 1
+    results.put({"latencies": latencies, "statuses": statuses})
+
+
+def test_a_client_spinning_on_a_held_lock_does_not_stall_other_clients(tmp_path: Path) -> None:
+    # Fewer server threads than spinning clients: a refusal that slept on the server (lock()'s
+    # retries: 0.05 + 0.1 + 0.2 s with the example's settings) would hold a thread each,
+    # and every other call would queue behind them.
+    with serve(tmp_path, "--workers", "1", "--threads", "2") as live:
+        held_id = new_id("held")
+        status, _, _ = request(
+            live.url, "POST", f"{API}/locks/{segment(held_id)}/", live.token, {"ttl": 60}
+        )
+        assert status == 201
+        other_id = new_id("other")
+        status, _, _ = request(
+            live.url,
+            "PUT",
+            f"{API}/states/{segment(other_id)}/",
+            live.token,
+            {"data": {"n": 0}},
+            {"If-None-Match": "*"},
+        )
+        assert status == 201
+
+        context = multiprocessing.get_context("spawn")
+        results: Queue[Any] = context.Queue()
+        spinners = [
+            context.Process(target=spin_on_lock, args=(live.url, live.token, held_id, 3.0, results))
+            for _ in range(SPINNERS)
+        ]
+        for spinner in spinners:
+            spinner.start()
+        time.sleep(0.5)  # the spinners are at it
+        others: list[float] = []
+        for n in range(20):
+            started = time.monotonic()
+            status, headers, _ = request(
+                live.url, "GET", f"{API}/states/{segment(other_id)}/", live.token
+            )
+            assert status == 200
+            status, _, _ = request(
+                live.url,
+                "PUT",
+                f"{API}/states/{segment(other_id)}/",
+                live.token,
+                {"data": {"n": n + 1}},
+                {"If-Match": headers["ETag"]},
+            )
+            assert status == 200
+            others.append(time.monotonic() - started)
+        reports = [results.get(timeout=60) for _ in spinners]
+        for spinner in spinners:
+            spinner.join(timeout=30)
+            assert spinner.exitcode == 0
+
+    refusals = [latency for report in reports for latency in report["latencies"]]
+    # Only refusals: the holder kept its lock all along.
+    assert all(set(report["statuses"]) == {409} for report in reports), reports
+    # A refusal is answered without sleeping: below the 0.35 s that the retries would
+    # sleep. A median, so that one slow scheduling on a busy machine does not decide.
+    assert statistics.median(refusals) < 0.2, statistics.median(refusals)
+    # Another client's read + write went on meanwhile: with refusals that slept, each of
+    # its two requests would wait for a thread behind the spinners (0.35 s or more).
+    assert statistics.median(others) < 0.25, others
+    assert len(refusals) > 10 * SPINNERS
+
+
+# -- machine_memory_bench --http ---------------------------------------------------------------
+
+
+def bench_over_http(
+    live: Server, env: dict[str, str], *more: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE / "manage.py"),
+            "machine_memory_bench",
+            "--http",
+            f"{live.url}{API}/",
+            "--token",
+            live.token,
+            "--cycles",
+            "120",
+            "--machines",
+            "7",
+            "--runs",
+            "1",
+            *more,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_bench_runs_the_cycle_over_http_next_to_the_in_process_one(server: Server) -> None:
+    env = example_env(server.log.parent)  # the server's own database file
+    result = bench_over_http(server, env, "--workers", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["http_clients"] == 3
+    # Every HTTP event was counted in the database (the command checks the states).
+    assert report["http"]["cycles"] == 120
+    assert report["memory"]["cycles"] == 120
+    assert set(report["http"]["latency_us"]) == {"lock", "write", "unlock"}
+    assert report["http_ratio"] == pytest.approx(
+        report["http"]["cycles_per_second"] / report["memory"]["cycles_per_second"], rel=0.01
+    )
+    text = bench_over_http(server, env)
+    assert text.returncode == 0, text.stderr
+    assert "ratio HTTP / in-process" in text.stdout
+
+
+def test_bench_over_http_refuses_a_server_on_another_database(
+    server: Server, tmp_path: Path
+) -> None:
+    env = example_env(tmp_path)  # a database file of its own, not the server's
+    migrate = subprocess.run(
+        [sys.executable, str(EXAMPLE / "manage.py"), "migrate", "-v0"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    result = bench_over_http(server, env)
+    assert result.returncode != 0
+    assert "another database" in result.stderr

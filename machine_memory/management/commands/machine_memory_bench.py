@@ -78,7 +78,12 @@ class Command(BaseCommand):
             help="Machine ids per worker (default 1000), or shared ids with --contention "
             "(default 4).",
         )
-        parser.add_argument("--workers", type=positive_int, default=1, help="Worker processes.")
+        parser.add_argument(
+            "--workers",
+            type=positive_int,
+            default=None,
+            help="Worker processes (default 1), or HTTP client processes with --http (default 4).",
+        )
         parser.add_argument(
             "--contention",
             action="store_true",
@@ -97,6 +102,19 @@ class Command(BaseCommand):
             type=non_negative_int,
             default=0,
             help="Filler expired lock rows to add first.",
+        )
+        parser.add_argument(
+            "--http",
+            metavar="URL",
+            default=None,
+            help="Also run the cycle over the REST API at URL (e.g. "
+            "http://127.0.0.1:8000/api/machine-memory/) from --workers client processes, next "
+            "to the in-process cycle of one worker. The server must use this database.",
+        )
+        parser.add_argument(
+            "--token",
+            default=None,
+            help="With --http: a DRF token of a user the API admits (Authorization: Token).",
         )
         parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
 
@@ -149,7 +167,9 @@ class Command(BaseCommand):
         alias = memory.using
         connection = connections[alias]
         contention = options["contention"]
-        workers = options["workers"]
+        if options["http"] is not None:
+            return self.http(memory, prefix, options)
+        workers = options["workers"] = options["workers"] or 1
         machines = options["machines"] or (4 if contention else 1000)
         cycles = options["cycles"]
         result: dict[str, Any] = {
@@ -181,6 +201,68 @@ class Command(BaseCommand):
                 result["memory"]["cycles_per_second"] / result["raw"]["cycles_per_second"], 3
             )
         return result
+
+    def http(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The cycle over the API from N processes, next to one in-process worker."""
+        from machine_memory.bench.http import run_http_clients
+
+        if options["contention"] or options["fill_states"] or options["fill_expired_locks"]:
+            raise CommandError("--http runs distinct ids per client: no --contention or --fill-*.")
+        clients = options["workers"] or 4
+        machines = options["machines"] or 1000
+        cycles = options["cycles"]
+        headers = {} if options["token"] is None else {"Authorization": f"Token {options['token']}"}
+        single = {**options, "workers": 1}
+        memory_runs: list[Timings] = []
+        http_runs: list[Timings] = []
+        for run in range(options["runs"]):
+            memory_runs.append(
+                self.cycle_run(
+                    "MachineMemory", memory, self.ids(f"{prefix}r{run}", 1, machines), single
+                )
+            )
+            ids = self.ids(f"{prefix}h{run}", clients, machines)
+            per_client = [ids[c * machines : (c + 1) * machines] for c in range(clients)]
+            timings = run_http_clients(options["http"], headers, per_client, cycles // clients)
+            self.check_http_counts(memory, per_client, cycles // clients, options["http"])
+            http_runs.append(timings)
+        result: dict[str, Any] = {
+            "database": memory.using,
+            "vendor": connections[memory.using].vendor,
+            "lock_backend": type(memory.locks).__name__,
+            "cycles": cycles,
+            "workers": 1,
+            "machines": machines,
+            "contention": False,
+            "http_url": options["http"],
+            "http_clients": clients,
+            "memory": summary(memory_runs),
+            "http": summary(http_runs),
+        }
+        result["http_ratio"] = round(
+            result["http"]["cycles_per_second"] / result["memory"]["cycles_per_second"], 3
+        )
+        return result
+
+    @staticmethod
+    def check_http_counts(
+        memory: MachineMemory, per_client: list[list[str]], cycles: int, url: str
+    ) -> None:
+        """Every HTTP cycle must show in the database this command measures."""
+        expected: dict[str, int] = {}
+        for ids in per_client:
+            for number in range(cycles):
+                machine_id = ids[number % len(ids)]
+                expected[machine_id] = expected.get(machine_id, 0) + 1
+        stored = {machine_id: memory.read(machine_id) for machine_id in expected}
+        if all(state is None for state in stored.values()):
+            raise BenchError(
+                f"The API at {url} stored its states in another database than "
+                f"{memory.using!r}: point both at the same one."
+            )
+        wrong = [i for i, n in expected.items() if (stored[i] or {}).get("counter") != n]
+        if wrong:
+            raise BenchError(f"{len(wrong)} machine(s) over HTTP do not add up, e.g. {wrong[0]!r}.")
 
     @staticmethod
     def ids(prefix: str, workers: int, machines: int) -> list[str]:
@@ -295,6 +377,9 @@ class Command(BaseCommand):
                 f"tables filled first with {fill['states']} state rows and "
                 f"{fill['expired_locks']} expired lock rows"
             )
+        if "http" in result:
+            self.report_http(result)
+            return
         header = f"{'':<16}{'cycles/s':>10}" + "".join(
             f"{op + ' p50/p99 µs':>22}" for op in OPERATIONS
         )
@@ -317,3 +402,27 @@ class Command(BaseCommand):
                 f"\nlock denials {data['denials']}, write conflicts {data['conflicts']}, "
                 f"lost updates {result['lost_updates']}"
             )
+
+    def report_http(self, result: dict[str, Any]) -> None:
+        self.stdout.write(
+            f"over HTTP: {result['http_url']}, {result['http_clients']} client processes"
+        )
+        header = f"{'':<28}{'events/s':>10}" + "".join(
+            f"{op + ' p50/p99 µs':>22}" for op in OPERATIONS
+        )
+        self.stdout.write("\n" + header)
+        rows = [
+            ("MachineMemory, 1 worker", result["memory"]),
+            (f"HTTP, {result['http_clients']} clients", result["http"]),
+        ]
+        for label, data in rows:
+            line = f"{label:<28}{data['cycles_per_second']:>10,.0f}"
+            for op in OPERATIONS:
+                latency = data["latency_us"].get(op)
+                cell = f"{latency['p50']:.0f} / {latency['p99']:.0f}" if latency else "-"
+                line += f"{cell:>22}"
+            self.stdout.write(line)
+        self.stdout.write(
+            f"\nratio HTTP / in-process: {result['http_ratio']:.2f} "
+            "(HTTP: lock and read in one request)"
+        )
