@@ -142,8 +142,8 @@ def test_a_refused_lock_is_answered_at_once(api: Api, alias: str, mid: str) -> N
     with override_settings(MACHINE_MEMORY=slow_retries):
         held = api.acquire(mid, ttl=30)
         CountingLocks.attempts = 0
-        options: dict[str, Any]
-        for options in [{}, {"wait": 0}, {"read": True}]:
+        refused: list[dict[str, Any]] = [{}, {"wait": 0}, {"read": True}]
+        for options in refused:
             assert_error(acquire(api, mid, **options), 409, "lock_held")
         assert CountingLocks.attempts == 3
         # The holder still holds it.
