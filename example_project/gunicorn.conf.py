@@ -2,7 +2,7 @@
 
     cd example_project && gunicorn demo_site.wsgi
 
-(gunicorn reads ./gunicorn.conf.py by itself.) Why each value: docs/operating.md#serving-the-api.
+(gunicorn reads ./gunicorn.conf.py by itself.) Why each value: docs/rest-api.md#serving-the-api.
 """
 
 from __future__ import annotations

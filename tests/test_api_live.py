@@ -66,20 +66,27 @@ class Server:
     log: Path
 
 
-def example_env(tmp_path: Path) -> dict[str, str]:
+def example_env(tmp_path: Path, database_url: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # pytest-django exported tests.settings: the server must run the example's own.
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env.pop("DATABASE_URL", None)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
     env["DEMO_SQLITE_PATH"] = str(tmp_path / "api.sqlite3")
     env["PYTHONPATH"] = str(REPO_ROOT)
     return env
 
 
 @contextlib.contextmanager
-def serve(tmp_path: Path, *gunicorn_args: str) -> Iterator[Server]:
-    """The example project under gunicorn on a fresh SQLite file, with two users' tokens."""
-    env = example_env(tmp_path)
+def serve(
+    tmp_path: Path, *gunicorn_args: str, database_url: str | None = None
+) -> Iterator[Server]:
+    """The example project under gunicorn, with two users' tokens.
+
+    On a fresh SQLite file, or on the empty database ``database_url`` names.
+    """
+    env = example_env(tmp_path, database_url)
     setup = subprocess.run(
         [sys.executable, str(EXAMPLE / "manage.py"), "shell", "-c", SETUP],
         cwd=REPO_ROOT,

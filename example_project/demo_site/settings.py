@@ -135,7 +135,7 @@ DATABASES: dict[str, dict[str, Any]] = {
 
 # Served over HTTP (the REST API), a request must not pay for a new database connection:
 # keep each thread's connection for a minute, and check it before reuse so that a server
-# restart costs one failed check, not a failed request (docs/operating.md#serving-the-api).
+# restart costs one failed check, not a failed request (docs/rest-api.md#serving-the-api).
 DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ.get("DEMO_CONN_MAX_AGE", "60"))
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 

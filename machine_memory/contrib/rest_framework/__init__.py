@@ -4,7 +4,7 @@ Mount it in a URLconf::
 
     path("api/machine-memory/", include("machine_memory.contrib.rest_framework.urls"))
 
-Every request goes through ``MachineMemory``; see the README's "REST API" section for the
+Every request goes through ``MachineMemory``; see docs/rest-api.md for the
 endpoints, the ETag and lock-token rules and the status codes.
 """
 
