@@ -268,17 +268,35 @@ class MachineMemory:
         text = encode_state(data, self.max_state_bytes)
         meta = resolve_metadata(data, metadata, machine_id)
         _prev_data_argument(prev_data, create_hint=True)
-        token = self._held.get(machine_id)
         expected: int | None = None
         changed: Metadata | None = meta
         if prev_data is not None:
             expected, stored_meta = self._expected_version(machine_id, prev_data)
             if stored_meta == meta:
                 changed = None  # leave the indexed columns alone (see Dialect.update_state)
+        self._compare_and_set(machine_id, data, text, expected, changed)
+        if prev_data is not None:
+            self._versions.forget(machine_id, prev_data)
+        self._written(machine_id, data, 1 if expected is None else expected + 1, meta)
+
+    def _compare_and_set(
+        self,
+        machine_id: str,
+        data: dict[str, Any],
+        text: str,
+        expected: int | None,
+        changed: Metadata | None,
+    ) -> None:
+        """Create (``expected`` None) or update version ``expected``, fenced, in one statement.
+
+        ``changed``: the metadata columns to set (None: leave them; a create sets them).
+        """
+        token = self._held.get(machine_id)
         fence = self._fence(machine_id, token)
         try:
             if expected is None:
-                stored = self.store.insert(machine_id, text, meta, fence)
+                assert changed is not None
+                stored = self.store.insert(machine_id, text, changed, fence)
             else:
                 stored = self.store.update(machine_id, text, expected, changed, fence)
         except NothingSent as exc:
@@ -290,9 +308,6 @@ class MachineMemory:
             raise WriteError(f"Writing machine {machine_id!r} failed: {exc}") from exc
         if not stored:
             self._raise_rejected(machine_id, expected, token)
-        if prev_data is not None:
-            self._versions.forget(machine_id, prev_data)
-        self._written(machine_id, data, 1 if expected is None else expected + 1, meta)
 
     def _written(self, machine_id: str, data: dict[str, Any], version: int, meta: Metadata) -> None:
         # Inside the caller's transaction the new version may still be rolled back; a later
@@ -343,7 +358,8 @@ class MachineMemory:
         """Store ``data`` over whatever version is stored (or only over ``version``).
 
         Reads the version and writes under the row's lock in one transaction, so it never
-        loses to a concurrent writer; fenced like ``write``. Returns the new version.
+        loses to a concurrent writer (at a given ``version``: one compare-and-set); fenced
+        like ``write``. Returns the new version.
         No state stored, or another version than ``version``: ``WriteConflict``, unless
         ``create`` asks to create the state then (version 1 is returned).
         """
@@ -353,6 +369,11 @@ class MachineMemory:
         version = _version_argument(version)
         if create and version is not None:
             raise ValueError("create=True stores over whatever version exists; pass no version.")
+        if version is not None:
+            # The version is pinned: one conditional UPDATE decides, no row lock needed.
+            self._compare_and_set(machine_id, data, text, version, meta)
+            self._written(machine_id, data, version + 1, meta)
+            return version + 1
         for attempt in range(CREATE_OR_OVERWRITE_ATTEMPTS):
             changed = self._change_locked_row(
                 machine_id,

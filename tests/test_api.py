@@ -883,6 +883,13 @@ WRITES_THAT_COMMIT = {
     "put-version": lambda api, mid: api.put(mid, {"n": 2}, **{"If-Match": '"1"'}),
     "delete": lambda api, mid: api.delete(mid),
 }
+# The statement whose reply is lost: the COMMIT of a change under the row's lock, or the
+# one autocommitted compare-and-set of an If-Match at a version.
+COMMITTED_BY = {
+    "put-any": b"COMMIT",
+    "put-version": b"UPDATE machine_memory_state",
+    "delete": b"COMMIT",
+}
 
 
 @pytest.mark.parametrize("request_kind", list(WRITES_THAT_COMMIT))
@@ -892,9 +899,10 @@ def test_write_whose_outcome_is_unknown_is_503_write_outcome_unknown(
     """A real fault: the server commits, the reply is lost on the way back, and every new
     connection is refused, so the memory cannot look whether the write was stored."""
     api = Api(client_for(make_user(staff=True)))
-    with override_settings(MACHINE_MEMORY=api_settings(proxied.alias)):
+    # Plain SQL on the wire (as the proxied fixture sets it), so the trigger can see it.
+    with override_settings(MACHINE_MEMORY=api_settings(proxied.alias, PREPARED_STATEMENTS=False)):
         api.create(mid, {"n": 1})
-        trigger = proxied.proxy.cut_after_reply(b"COMMIT", then="refuse")
+        trigger = proxied.proxy.cut_after_reply(COMMITTED_BY[request_kind], then="refuse")
         response = WRITES_THAT_COMMIT[request_kind](api, mid)
         assert trigger.count == 1
         error = assert_error(response, 503, "write_outcome_unknown")

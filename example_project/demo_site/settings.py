@@ -228,12 +228,15 @@ STATIC_URL = "static/"
 # plain Django.
 if find_spec("rest_framework") is not None:
     INSTALLED_APPS += ["rest_framework", "rest_framework.authtoken"]
+    DEMO_TOKEN_CACHE_SECONDS = float(os.environ.get("DEMO_TOKEN_CACHE_SECONDS", "5"))
     REST_FRAMEWORK: dict[str, Any] = {
         # Token first: an anonymous request gets 401 with "WWW-Authenticate: Token" (not a
         # browser's Basic password prompt). Tokens: manage.py drf_create_token <user>.
         # Sessions serve the Swagger UI after an admin login; Basic suits curl on localhost.
         "DEFAULT_AUTHENTICATION_CLASSES": [
-            "rest_framework.authentication.TokenAuthentication",
+            # DRF's TokenAuthentication, each token remembered for a few seconds per
+            # process (authentication.py): the lookup costs more than the memory's work.
+            "demo_site.authentication.CachedTokenAuthentication",
             "rest_framework.authentication.SessionAuthentication",
             "rest_framework.authentication.BasicAuthentication",
         ],

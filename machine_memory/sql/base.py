@@ -276,6 +276,20 @@ class Dialect:
         cursor.execute(sql, (self.ttl_param(ttl), machine_id, owner, token))
         return int(cursor.rowcount) == 1
 
+    def live_lock(self, cursor: Cursor, machine_id: str) -> tuple[Any, ...] | None:
+        """The live lock as (owner, token, acquired_at, expires_at), times as the driver
+        returns them; None when no lock is live."""
+        sql = self.statement(
+            "live_lock",
+            lambda: (
+                f"SELECT owner, token, acquired_at, expires_at FROM {LOCK_TABLE}"
+                f" WHERE machine_id = %s AND expires_at > {self.now_sql}"
+            ),
+        )
+        cursor.execute(sql, (machine_id,))
+        row = cursor.fetchone()
+        return None if row is None else tuple(row)
+
     def is_live(self, cursor: Cursor, machine_id: str) -> bool:
         sql = self.statement(
             "is_live",

@@ -1,0 +1,92 @@
+"""The TypeScript client (clients/typescript) against the real API, with Node's test runner.
+
+The example project runs under gunicorn on a PostgreSQL database made for this run and
+dropped after it; ``npm ci``, ``tsc`` and ``node --test`` then run the client's own tests
+(several node processes contending on the same ids among them) against it. Without Node
+the test is skipped, except under CI, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+from django.conf import settings
+
+from tests.support import in_ci
+from tests.test_api_live import API, REPO_ROOT, serve
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.slow
+
+CLIENT = REPO_ROOT / "clients" / "typescript"
+
+
+def node_tools() -> tuple[str, str]:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        reason = "Node.js and npm are needed for the TypeScript client's tests"
+        if in_ci():
+            pytest.fail(f"CI is set: {reason}.")
+        pytest.skip(reason)
+    return node, npm
+
+
+def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    result = subprocess.run(
+        command,
+        cwd=CLIENT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output}"
+    return output
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of an empty PostgreSQL database of this test's own."""
+    import psycopg
+
+    server = settings.DATABASES["postgres"]
+    name = f"test_mm_typescript_{uuid.uuid4().hex[:12]}"
+    admin = {"host": server["HOST"], "port": server["PORT"], "user": server["USER"]}
+    try:
+        connection = psycopg.connect(dbname=server["NAME"], autocommit=True, **admin)
+    except psycopg.OperationalError as exc:
+        if in_ci():
+            pytest.fail(f"CI is set and PostgreSQL is down: {exc}")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    with connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgres://{server['USER']}@{server['HOST']}:{server['PORT']}/{name}"
+    finally:
+        with psycopg.connect(dbname=server["NAME"], autocommit=True, **admin) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_typescript_client_passes_its_tests_against_the_api(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    _, npm = node_tools()
+    run([npm, "ci", "--no-audit", "--no-fund"])
+    run([npm, "run", "build"])
+    with serve(tmp_path, "--workers", "2", "--threads", "8", database_url=postgres_url) as live:
+        env = {**os.environ, "MM_API_URL": f"{live.url}{API}/", "MM_API_TOKEN": live.token}
+        output = run([npm, "test"], env=env, timeout=600)
+    print("\n" + "\n".join(output.strip().splitlines()[-10:]))
+    # Node's runner closes with its counts: something ran, and nothing failed.
+    assert "# fail 0" in output, output
+    assert "# pass 0" not in output, output
