@@ -83,7 +83,10 @@ def test_the_typescript_client_passes_its_tests_against_the_api(
     _, npm = node_tools()
     run([npm, "ci", "--no-audit", "--no-fund"])
     run([npm, "run", "build"])
-    with serve(tmp_path, "--workers", "2", "--threads", "8", database_url=postgres_url) as live:
+    # Keep-alive longer than Node's fetch keeps an idle connection (4 s): shorter, and a
+    # request racing the server's close fails (docs/rest-api.md#serving-the-api).
+    args = ["--workers", "2", "--threads", "8", "--keep-alive", "30"]
+    with serve(tmp_path, *args, database_url=postgres_url) as live:
         env = {**os.environ, "MM_API_URL": f"{live.url}{API}/", "MM_API_TOKEN": live.token}
         output = run([npm, "test"], env=env, timeout=600)
     print("\n" + "\n".join(output.strip().splitlines()[-10:]))
