@@ -112,14 +112,17 @@ class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
 class SortableByOnlyChangeList(ChangeList):
     """Ignores ``?o=`` for columns outside ``sortable_by``: Django only hides their links.
 
-    Refuses NUL in filter and search values the way Django refuses a lookup it cannot run
-    (a redirect to ``?e=1``): PostgreSQL raises on NUL in a text parameter, and no id,
-    status or source can hold one (docs/contract.md#ids).
+    Refuses NUL in filter and search values and in the ids an action selects, the way
+    Django refuses a lookup it cannot run (a redirect to ``?e=1``): PostgreSQL raises on
+    NUL in a text parameter, and no id, status or source can hold one
+    (docs/contract.md#ids).
     """
 
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> Any:
-        if any("\x00" in value for _, values in request.GET.lists() for value in values):
-            raise IncorrectLookupParameters("NUL in a filter or search value.")
+        # POST too: an action names its rows by id (_selected_action).
+        for params in (request.GET, request.POST):
+            if any("\x00" in value for _, values in params.lists() for value in values):
+                raise IncorrectLookupParameters("NUL in a filter, search or selected id.")
         if exclude_parameters is None:  # Django 4.2 has no such argument
             return super().get_queryset(request)
         return super().get_queryset(request, exclude_parameters)

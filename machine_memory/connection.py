@@ -43,6 +43,10 @@ def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
 
     Call it inside ``connection.wrap_database_errors``.
     """
+    # What Django's cursor() does first: with CONN_HEALTH_CHECKS, a persistent connection
+    # is checked once per request (a flag afterwards) and replaced if the server dropped
+    # it, so the first statement of a request does not fail on a dead connection.
+    connection.close_if_health_check_failed()
     raw = connection.connection
     if raw is None:
         # ensure_connection() refuses to run in an event loop thread, as cursor() does.

@@ -357,9 +357,9 @@ class MachineMemory:
     ) -> int:
         """Store ``data`` over whatever version is stored (or only over ``version``).
 
-        Reads the version and writes under the row's lock in one transaction, so it never
-        loses to a concurrent writer (at a given ``version``: one compare-and-set); fenced
-        like ``write``. Returns the new version.
+        Without ``version``: reads the version and writes under the row's lock in one
+        transaction, so it never loses to a concurrent writer. With ``version``: one
+        compare-and-set. Fenced like ``write``. Returns the new version.
         No state stored, or another version than ``version``: ``WriteConflict``, unless
         ``create`` asks to create the state then (version 1 is returned).
         """
@@ -377,7 +377,7 @@ class MachineMemory:
         for attempt in range(CREATE_OR_OVERWRITE_ATTEMPTS):
             changed = self._change_locked_row(
                 machine_id,
-                version,
+                None,
                 "overwrite",
                 lambda current, fence: self.store.update(machine_id, text, current, meta, fence),
                 lambda row, current: _wrote(row, data, current),
@@ -387,7 +387,7 @@ class MachineMemory:
                 self._written(machine_id, data, changed + 1, meta)
                 return changed + 1
             try:
-                self.write(machine_id, data, None, metadata)
+                self._compare_and_set(machine_id, data, text, None, meta)
             except LockLost:
                 raise
             except WriteConflict:
@@ -395,6 +395,7 @@ class MachineMemory:
                 if attempt + 1 == CREATE_OR_OVERWRITE_ATTEMPTS:
                     raise
                 continue
+            self._written(machine_id, data, 1, meta)
             return 1
         raise AssertionError("unreachable")  # pragma: no cover
 

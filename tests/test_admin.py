@@ -699,3 +699,14 @@ def test_nul_in_an_object_url_is_not_found(routed: str, superuser: Client) -> No
         response = superuser.get(url, follow=True)
         assert response.status_code == 200  # the admin's "does not exist" redirect
         assert any("doesn\u2019t exist" in message for message in messages_of(response))
+
+
+@pytest.mark.parametrize("url", [STATES, LOCKS])
+def test_nul_in_the_ids_an_action_selects_is_no_server_error(
+    routed: str, superuser: Client, url: str
+) -> None:
+    name = "release_locks" if url == STATES else "purge_expired"
+    data = {"action": name, "_selected_action": ["a\x00b"], "index": 0}
+    response = superuser.post(url, data)
+    assert response.status_code == 302
+    assert response["Location"].endswith("?e=1")

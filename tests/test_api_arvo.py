@@ -152,18 +152,19 @@ def test_a_refused_lock_is_answered_at_once(api: Api, alias: str, mid: str) -> N
 
 def test_a_bounded_wait_takes_a_lock_freed_meanwhile(api: Api, alias: str, mid: str) -> None:
     with override_settings(MACHINE_MEMORY=api_settings(alias, LOCK_BACKEND=COUNTING)):
-        held = api.acquire(mid, ttl=0.3)
+        held = api.acquire(mid, ttl=0.6)
         CountingLocks.attempts = 0
-        started = time.monotonic()
         waited = acquire(api, mid, wait=1.0)
         assert waited.status_code == 201, waited.content
-        assert time.monotonic() - started >= 0.2  # it did wait for the expiry
-        assert body(waited)["token"] > held["token"]
+        granted = body(waited)
+        # Taken once the holder's lock had expired, by the database's clock.
+        assert granted["acquired_at"] >= held["expires_at"]
+        assert granted["token"] > held["token"]
         assert CountingLocks.attempts > 1
-        # A wait that ends before the holder lets go is a 409 after a few attempts.
+        # A wait that ends before the holder lets go is a 409, after trying again.
         CountingLocks.attempts = 0
-        assert_error(acquire(api, mid, wait=0.2), 409, "lock_held")
-        assert 1 < CountingLocks.attempts < 10
+        assert_error(acquire(api, mid, wait=0.3), 409, "lock_held")
+        assert CountingLocks.attempts >= 2
 
 
 @pytest.mark.parametrize(
@@ -257,7 +258,16 @@ def test_a_stale_holder_stores_nothing(api: Api, mid: str, exists: bool) -> None
     assert fresh.status_code == (200 if exists else 201)
 
 
-def test_overwrite_create_in_python(memory: MachineMemory, alias: str, mid: str) -> None:
+@pytest.mark.parametrize("lock_backend", ["database", "redis"])
+def test_overwrite_create_in_python(
+    alias: str, redis_cache: str, mid: str, lock_backend: str
+) -> None:
+    with override_settings(MACHINE_MEMORY={"REDIS_CACHE": redis_cache}):
+        overwrite_create(alias, mid, lock_backend)
+
+
+def overwrite_create(alias: str, mid: str, lock_backend: str) -> None:
+    memory = MachineMemory(using=alias, lock_backend=lock_backend)
     assert memory.overwrite(mid, {"n": 1}, create=True) == 1
     assert memory.overwrite(mid, {"n": 2}, create=True) == 2
     state = memory.read(mid)
@@ -272,7 +282,7 @@ def test_overwrite_create_in_python(memory: MachineMemory, alias: str, mid: str)
     for existing in [mid, new_id()]:
         assert memory.lock(existing, ttl=0.2)
         time.sleep(0.4)
-        other = MachineMemory(using=alias)
+        other = MachineMemory(using=alias, lock_backend=lock_backend)
         assert other.lock(existing)
         before = other.read(existing)
         with pytest.raises(LockLost):
@@ -290,12 +300,24 @@ def nested(depth: int) -> str:
 
 
 @pytest.mark.parametrize("depth", [1_000, 100_000])
-def test_json_nested_too_deeply_for_the_parser_is_400(api: Api, mid: str, depth: int) -> None:
+def test_json_nested_too_deeply_is_400(api: Api, mid: str, depth: int) -> None:
+    # How deep the json module gets before RecursionError depends on the interpreter
+    # (about 1,000 levels on 3.11, several thousand on 3.12 and 3.13); deeper than a state
+    # may nest, the memory refuses what the parser let through. Never a 500.
+    too_deep_to_parse = depth > 50_000
     document = '{"data": ' + nested(depth) + "}"
     response = raw_put(api, state_url(mid), document, **{"If-None-Match": "*"})
-    assert_error(response, 400, "parse_error")
-    assert "nested too deeply" in body(response)["detail"]
-    assert_error(raw_post(api, lock_url(mid), '{"ttl": ' + nested(depth) + "}"), 400, "parse_error")
+    if too_deep_to_parse:
+        assert_error(response, 400, "parse_error")
+        assert "nested too deeply" in body(response)["detail"]
+    else:
+        assert response.status_code == 400
+        assert body(response)["code"] in {"parse_error", "invalid_state"}
+    locking = raw_post(api, lock_url(mid), '{"ttl": ' + nested(depth) + "}")
+    assert locking.status_code == 400
+    assert body(locking)["code"] in (
+        {"parse_error"} if too_deep_to_parse else {"parse_error", "invalid_request"}
+    )
     assert_error(api.get(mid), 404, "not_found")
     assert_error(api.lock_get(mid), 404, "not_found")
 

@@ -250,3 +250,18 @@ def test_unreachable_database(db_access: None) -> None:
 def test_unusable_lock_backend_is_a_command_error(db_access: None) -> None:
     with pytest.raises(CommandError, match="lock backend"):
         call_command("machine_memory_bench", "--lock-backend", "no.such.Backend", stdout=StringIO())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--token", "abc"], "give --http URL too"),
+        (["--http", "ftp://127.0.0.1/api/"], r"is not an http\(s\) URL"),
+        (["--http", "127.0.0.1:8000"], r"is not an http\(s\) URL"),
+        (["--http", "http://127.0.0.1:9/api/", "--cycles", "5", "--workers", "2"], "evenly"),
+    ],
+)
+def test_http_arguments_are_checked(alias: str, args: list[str], message: str) -> None:
+    # Before any request is sent (port 9 would refuse it) and before anything is written.
+    with pytest.raises(CommandError, match=message):
+        bench(alias, "--runs", "1", *args)

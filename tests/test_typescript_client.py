@@ -11,20 +11,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from django.conf import settings
 
 from tests.support import in_ci
-from tests.test_api_live import API, REPO_ROOT, serve
+from tests.test_api_live import API, REPO_ROOT, postgres_url, serve
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
 pytestmark = pytest.mark.slow
+
+__all__ = ["postgres_url"]  # the fixture, from the live API tests
 
 CLIENT = REPO_ROOT / "clients" / "typescript"
 
@@ -52,29 +51,6 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output}"
     return output
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """The URL of an empty PostgreSQL database of this test's own."""
-    import psycopg
-
-    server = settings.DATABASES["postgres"]
-    name = f"test_mm_typescript_{uuid.uuid4().hex[:12]}"
-    admin = {"host": server["HOST"], "port": server["PORT"], "user": server["USER"]}
-    try:
-        connection = psycopg.connect(dbname=server["NAME"], autocommit=True, **admin)
-    except psycopg.OperationalError as exc:
-        if in_ci():
-            pytest.fail(f"CI is set and PostgreSQL is down: {exc}")
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    with connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgres://{server['USER']}@{server['HOST']}:{server['PORT']}/{name}"
-    finally:
-        with psycopg.connect(dbname=server["NAME"], autocommit=True, **admin) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_the_typescript_client_passes_its_tests_against_the_api(

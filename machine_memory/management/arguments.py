@@ -6,6 +6,7 @@ import argparse
 import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from django.db import connections
 
@@ -56,6 +57,16 @@ def machine_id(text: str) -> str:
         return validate_id(text)
     except InvalidMachineId as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def http_url(text: str) -> str:
+    """An http(s) URL with a host, as the bench's --http takes it."""
+    parts = urlsplit(text)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http(s) URL such as http://127.0.0.1:8000/api/machine-memory/"
+        )
+    return text if text.endswith("/") else text + "/"
 
 
 def database_alias(text: str) -> str:

@@ -228,7 +228,11 @@ def _state_operations(machine_id: OpenApiParameter) -> dict[str, Any]:
                 200: StateWrittenSerializer,
                 201: StateWrittenSerializer,
                 404: _error("not_found: If-Match: * and no state"),
-                409: _error("lock_lost: a fenced write after another owner took the lock"),
+                409: _error(
+                    "lock_lost: a fenced write after another owner took the lock; or "
+                    "conflict: the holder's create-or-overwrite kept meeting other writers' "
+                    "creates and deletes"
+                ),
                 412: _error("precondition_failed: stale If-Match, or If-None-Match: *"),
                 428: _error("precondition_required: the state exists; send If-Match"),
                 **ON_ID,

@@ -6,8 +6,9 @@ Concurrency rules (docs/contract.md#rest-api, docs/contract.md#write):
   compares and sets with ``If-Match: "<version>"`` and overwrites with ``If-Match: *``;
   an update without a precondition is refused with 428, so no client overwrites a state
   it has not seen by accident. Updates and deletes are single ``MachineMemory.overwrite``
-  / ``delete`` calls at a version (or at whatever version is stored), decided under the
-  state row's lock: no retry loop, and ``If-Match: *`` never loses to concurrent writers.
+  / ``delete`` calls: at a version one compare-and-set, at whatever version is stored
+  decided under the state row's lock, so ``If-Match: *`` never loses to concurrent
+  writers. No retry loop.
 - ``POST locks/{id}/`` acquires the lock for a new, random owner and returns a lock token
   ``"<fencing token>.<secret>"``. The owner stored with the lock is ``"api:" +
   sha256(secret)``, so neither the database nor ``GET`` ever holds a usable token. A
@@ -56,7 +57,12 @@ from machine_memory.exceptions import LockError, LockLost, ReadError, WriteConfl
 from machine_memory.memory import LOCK_JITTER, MachineMemory
 from machine_memory.models import MachineLock, MachineState
 from machine_memory.retry import pauses
-from machine_memory.validation import MAX_ID_LENGTH, MAX_STATE_DEPTH, validate_id
+from machine_memory.validation import (
+    MAX_ID_LENGTH,
+    MAX_STATE_DEPTH,
+    METADATA_LENGTHS,
+    validate_id,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -275,8 +281,8 @@ class StateListView(MachineMemoryAPIView, generics.ListAPIView[MachineState]):
 
     def get_queryset(self) -> Any:
         rows = MachineState.objects.using(conf.DATABASE).summaries()
-        execution_status = _query_text(self.request, "status", 64)
-        source = _query_text(self.request, "source", 255)
+        execution_status = _query_text(self.request, "status", METADATA_LENGTHS["execution_status"])
+        source = _query_text(self.request, "source", METADATA_LENGTHS["source"])
         parent = _query_text(self.request, "parent", MAX_ID_LENGTH)
         prefix = _query_text(self.request, "prefix", MAX_ID_LENGTH)
         if execution_status is not None:
@@ -600,14 +606,17 @@ class LockDetailView(OneMachineAPIView):
 
 
 def _acquire(memory: MachineMemory, machine_id: str, ttl: float | None, wait: float) -> bool:
-    """Try to take the lock, for at most ``wait`` seconds (0: one attempt)."""
-    # A generous retry count: the deadline is what ends the waiting.
-    for pause in pauses(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER, deadline=wait):
+    """Try to take the lock until ``wait`` seconds have passed (0: one attempt)."""
+    deadline = time.monotonic() + wait
+    # Pauses doubling from LOCK_WAIT_BACKOFF, the last one cut short so that the final
+    # attempt comes at the deadline. A generous count: the deadline ends the waiting.
+    for pause in pauses(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER):
         if memory.lock(machine_id, ttl):
             return True
-        if pause is None:
+        left = deadline - time.monotonic()
+        if pause is None or left <= 0:
             return False
-        time.sleep(pause)
+        time.sleep(min(pause, left))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -26,6 +26,7 @@ from machine_memory.conf import conf
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.management.arguments import (
     add_database_argument,
+    http_url,
     logging_for,
     non_negative_int,
     positive_int,
@@ -106,6 +107,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--http",
             metavar="URL",
+            type=http_url,
             default=None,
             help="Also run the cycle over the REST API at URL (e.g. "
             "http://127.0.0.1:8000/api/machine-memory/) from --workers client processes, next "
@@ -119,6 +121,8 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["token"] is not None and options["http"] is None:
+            raise CommandError("--token is for the API: give --http URL too.")
         with logging_for(options["verbosity"], self.stderr):
             self.bench(options)
 
@@ -211,6 +215,8 @@ class Command(BaseCommand):
         clients = options["workers"] or 4
         machines = options["machines"] or 1000
         cycles = options["cycles"]
+        if cycles % clients:
+            raise CommandError(f"--cycles {cycles} does not split evenly over {clients} clients.")
         headers = {} if options["token"] is None else {"Authorization": f"Token {options['token']}"}
         single = {**options, "workers": 1}
         memory_runs: list[Timings] = []
