@@ -231,8 +231,11 @@ def worker(job: dict[str, Any]) -> Timings:
         connections.close_all()
 
 
-def run_in_processes(jobs: list[dict[str, Any]]) -> Timings:
-    """Run one job per spawned process, started together; merge their timings."""
+def run_in_processes(
+    jobs: list[dict[str, Any]], target: Callable[[dict[str, Any]], Timings] = worker
+) -> Timings:
+    """Run ``target(job)`` for each job in a spawned process of its own, all started
+    together (``job["start"]``, a barrier); merge their timings."""
     from django.db import connections
 
     context = multiprocessing.get_context("spawn")
@@ -241,9 +244,10 @@ def run_in_processes(jobs: list[dict[str, Any]]) -> Timings:
         start = manager.Barrier(len(jobs) + 1)
         for job in jobs:
             job["start"] = start
-            job["name"] = connections[job["database"]].settings_dict["NAME"]
+            if "database" in job:
+                job["name"] = connections[job["database"]].settings_dict["NAME"]
         with context.Pool(len(jobs)) as pool:
-            pending = pool.map_async(worker, jobs)
+            pending = pool.map_async(target, jobs)
             start.wait(timeout=120)
             started = time.perf_counter()
             results = pending.get(timeout=3600)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import multiprocessing
 import time
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from machine_memory.bench import BenchError, Timings, document
+from machine_memory.bench import BenchError, Timings, document, run_in_processes
 
 
 class ApiClient:
@@ -105,24 +104,5 @@ def run_http_clients(
     url: str, headers: dict[str, str], ids: list[list[str]], cycles: int
 ) -> Timings:
     """One client process per id list, started together; merged timings."""
-    context = multiprocessing.get_context("spawn")
-    manager = context.Manager()
-    try:
-        start = manager.Barrier(len(ids) + 1)
-        jobs = [
-            {"url": url, "headers": headers, "ids": chunk, "cycles": cycles, "start": start}
-            for chunk in ids
-        ]
-        with context.Pool(len(jobs)) as pool:
-            pending = pool.map_async(_client_process, jobs)
-            start.wait(timeout=120)
-            started = time.perf_counter()
-            results = pending.get(timeout=3600)
-            elapsed = time.perf_counter() - started
-    finally:
-        manager.shutdown()
-    merged = Timings()
-    for result in results:
-        merged.merge(result)
-    merged.elapsed = elapsed
-    return merged
+    jobs = [{"url": url, "headers": headers, "ids": chunk, "cycles": cycles} for chunk in ids]
+    return run_in_processes(jobs, _client_process)

@@ -394,12 +394,7 @@ class Command(BaseCommand):
         if "raw" in result:
             rows.append((f"raw {result['vendor']}", result["raw"]))
         for label, data in rows:
-            line = f"{label:<16}{data['cycles_per_second']:>10,.0f}"
-            for op in OPERATIONS:
-                latency = data["latency_us"].get(op)
-                cell = f"{latency['p50']:.0f} / {latency['p99']:.0f}" if latency else "-"
-                line += f"{cell:>22}"
-            self.stdout.write(line)
+            self.stdout.write(_row(label, 16, data))
         if "ratio" in result:
             self.stdout.write(f"\nratio MachineMemory / raw: {result['ratio']:.2f}")
         if result["contention"]:
@@ -422,13 +417,18 @@ class Command(BaseCommand):
             (f"HTTP, {result['http_clients']} clients", result["http"]),
         ]
         for label, data in rows:
-            line = f"{label:<28}{data['cycles_per_second']:>10,.0f}"
-            for op in OPERATIONS:
-                latency = data["latency_us"].get(op)
-                cell = f"{latency['p50']:.0f} / {latency['p99']:.0f}" if latency else "-"
-                line += f"{cell:>22}"
-            self.stdout.write(line)
+            self.stdout.write(_row(label, 28, data))
         self.stdout.write(
             f"\nratio HTTP / in-process: {result['http_ratio']:.2f} "
             "(HTTP: lock and read in one request)"
         )
+
+
+def _row(label: str, width: int, data: dict[str, Any]) -> str:
+    """One line of the report: throughput, then p50 / p99 per operation ("-": none)."""
+    line = f"{label:<{width}}{data['cycles_per_second']:>10,.0f}"
+    for op in OPERATIONS:
+        latency = data["latency_us"].get(op)
+        cell = f"{latency['p50']:.0f} / {latency['p99']:.0f}" if latency else "-"
+        line += f"{cell:>22}"
+    return line
