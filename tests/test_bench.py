@@ -18,6 +18,7 @@ from django.db.models import Max
 
 from machine_memory import MachineMemory
 from machine_memory.bench import OPERATIONS
+from machine_memory.bench.baseline import Tables, create_tables, drop_tables, raw_cycle
 from machine_memory.models import MachineLock, MachineState
 from machine_memory.sql import dialect_for
 from tests.support import new_id
@@ -265,3 +266,56 @@ def test_http_arguments_are_checked(alias: str, args: list[str], message: str) -
     # Before any request is sent (port 9 would refuse it) and before anything is written.
     with pytest.raises(CommandError, match=message):
         bench(alias, "--runs", "1", *args)
+
+
+# -- the baseline: what a user would write without the app ------------------------------------
+
+
+def test_the_baseline_has_two_minimal_tables_of_its_own(alias: str) -> None:
+    connection = connections[alias]
+    tables = Tables.for_run(new_id("t").replace("-", "")[:14])
+    create_tables(connection, tables)
+    try:
+        with connection.cursor() as cursor:
+            for table, columns in [
+                (tables.state, ["machine_id", "data", "version"]),
+                (tables.lock, ["machine_id", "owner", "expires_at"]),
+            ]:
+                described = connection.introspection.get_table_description(cursor, table)
+                assert [column.name for column in described] == columns
+                # The primary key and nothing else: no index the app's tables have.
+                # (MariaDB's JSON type brings a CHECK (json_valid(data)), not an index.)
+                constraints = connection.introspection.get_constraints(cursor, table)
+                keys = [
+                    c["columns"]
+                    for c in constraints.values()
+                    if c["index"] or c["unique"] or c["primary_key"]
+                ]
+                assert keys == [["machine_id"]]
+        cycle = raw_cycle(connection, tables)
+        try:
+            # The cycle's semantics, in the minimal tables.
+            assert cycle.lock("m", "a", 30)
+            assert not cycle.lock("m", "b", 30)  # live: denied
+            assert cycle.read("m") is None
+            assert cycle.write("m", '{"n": 1}', None)
+            assert not cycle.write("m", '{"n": 1}', None)  # exists already
+            row = cycle.read("m")
+            assert row is not None and row[1] == 1
+            assert cycle.write("m", '{"n": 2}', 1)
+            assert not cycle.write("m", '{"n": 3}', 1)  # stale version
+            assert not cycle.unlock("m", "b")
+            assert cycle.unlock("m", "a")
+            assert cycle.lock("m", "b", 30)
+        finally:
+            cycle.close()
+    finally:
+        drop_tables(connection, tables)
+    assert not {tables.state, tables.lock} & set(connection.introspection.table_names())
+
+
+def test_a_bench_run_leaves_no_baseline_tables(alias: str) -> None:
+    bench(alias, "--cycles", "20", "--machines", "5", "--runs", "1")
+    assert not [
+        t for t in connections[alias].introspection.table_names() if t.startswith("mm_bench_")
+    ]

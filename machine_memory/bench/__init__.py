@@ -204,7 +204,7 @@ def worker(job: dict[str, Any]) -> Timings:
     django.setup()
     from django.db import connections
 
-    from machine_memory.bench.baseline import raw_cycle
+    from machine_memory.bench.baseline import Tables, raw_cycle
     from machine_memory.memory import MachineMemory
 
     alias = job["database"]
@@ -215,7 +215,7 @@ def worker(job: dict[str, Any]) -> Timings:
     try:
         if job["kind"] == "raw":
             connection = connections[alias]
-            raw = raw_cycle(connection)
+            raw = raw_cycle(connection, Tables(**job["tables"]))
             try:
                 start.wait()
                 return raw_cycles(raw, job["ids"], job["cycles"])

@@ -1,14 +1,17 @@
 """The baseline of the benchmark: the Arvo cycle hand-written on the bare driver.
 
-What a user would write without this app, with the driver's defaults: the cheapest
-correct statement for each of lock (upsert only if expired), read, write (insert, or
-update only if the version is unchanged) and unlock (delete our own lock). No validation,
-no fencing, no metadata. Also the filler rows of the scale runs. Benchmark code only: the
-app's own statements live in ``machine_memory.sql``.
+What a user would write without this app, with the driver's defaults: two minimal tables
+of their own, (id, data, version) and (id, owner, expires_at), with primary keys only,
+and the cheapest correct statement for each of lock (upsert only if expired), read, write
+(insert, or update only if the version is unchanged) and unlock (delete our own lock). No
+validation, no fencing tokens, no metadata, no timestamps. The tables are made for a run
+and dropped after it. Also the filler rows of the scale runs (in the app's tables).
+Benchmark code only: the app's own statements live in ``machine_memory.sql``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE
@@ -25,11 +28,29 @@ TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
 
+@dataclass(frozen=True)
+class Tables:
+    """The names of one run's baseline tables."""
+
+    state: str
+    lock: str
+
+    @classmethod
+    def for_run(cls, run: str) -> Tables:
+        """Tables named after ``run`` (letters and digits): runs side by side never meet."""
+        assert run.isalnum(), run
+        return cls(f"mm_bench_{run}_state", f"mm_bench_{run}_lock")
+
+
 class RawCycle:
     """The four operations on a driver connection of its own."""
 
-    def __init__(self, settings_params: dict[str, Any]) -> None:
+    # CREATE TABLE statements, with {state} and {lock} for the table names.
+    schema: tuple[str, str] = ("", "")
+
+    def __init__(self, settings_params: dict[str, Any], tables: Tables) -> None:
         self.params = settings_params
+        self.state, self.lock_table = tables.state, tables.lock
 
     def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
         raise NotImplementedError
@@ -48,10 +69,17 @@ class RawCycle:
 
 
 class PostgreSQLRawCycle(RawCycle):
-    def __init__(self, settings_params: dict[str, Any]) -> None:
+    schema = (
+        "CREATE TABLE {state} (machine_id text PRIMARY KEY, data jsonb NOT NULL,"
+        " version bigint NOT NULL)",
+        "CREATE TABLE {lock} (machine_id text PRIMARY KEY, owner text NOT NULL,"
+        " expires_at timestamptz NOT NULL)",
+    )
+
+    def __init__(self, settings_params: dict[str, Any], tables: Tables) -> None:
         import psycopg
 
-        super().__init__(settings_params)
+        super().__init__(settings_params, tables)
         params = dict(settings_params)
         # Django's own choices (client-side binding, no preparing); the baseline uses
         # psycopg's defaults, which prepare a statement after its fifth execution.
@@ -62,18 +90,17 @@ class PostgreSQLRawCycle(RawCycle):
 
     def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
         self.cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
-            " VALUES (%s, %s, 1, now(), now() + make_interval(secs => %s))"
+            f"INSERT INTO {self.lock_table} AS l (machine_id, owner, expires_at)"
+            " VALUES (%s, %s, now() + make_interval(secs => %s))"
             " ON CONFLICT (machine_id) DO UPDATE SET owner = EXCLUDED.owner,"
-            " token = l.token + 1, acquired_at = EXCLUDED.acquired_at,"
-            " expires_at = EXCLUDED.expires_at WHERE l.expires_at <= now() RETURNING token",
+            " expires_at = EXCLUDED.expires_at WHERE l.expires_at <= now() RETURNING 1",
             (machine_id, owner, ttl),
         )
         return self.cursor.fetchone() is not None
 
     def read(self, machine_id: str) -> tuple[str, int] | None:
         self.cursor.execute(
-            f"SELECT state::text, version FROM {STATE_TABLE} WHERE machine_id = %s",
+            f"SELECT data::text, version FROM {self.state} WHERE machine_id = %s",
             (machine_id,),
         )
         return self.cursor.fetchone()
@@ -81,22 +108,21 @@ class PostgreSQLRawCycle(RawCycle):
     def write(self, machine_id: str, text: str, version: int | None) -> bool:
         if version is None:
             self.cursor.execute(
-                f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, created_at,"
-                " updated_at) VALUES (%s, %s::jsonb, 1, 0, now(), now())"
-                " ON CONFLICT (machine_id) DO NOTHING",
+                f"INSERT INTO {self.state} (machine_id, data, version)"
+                " VALUES (%s, %s::jsonb, 1) ON CONFLICT (machine_id) DO NOTHING",
                 (machine_id, text),
             )
         else:
             self.cursor.execute(
-                f"UPDATE {STATE_TABLE} SET state = %s::jsonb, version = version + 1,"
-                " updated_at = now() WHERE machine_id = %s AND version = %s",
+                f"UPDATE {self.state} SET data = %s::jsonb, version = version + 1"
+                " WHERE machine_id = %s AND version = %s",
                 (text, machine_id, version),
             )
         return int(self.cursor.rowcount) == 1
 
     def unlock(self, machine_id: str, owner: str) -> bool:
         self.cursor.execute(
-            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
+            f"DELETE FROM {self.lock_table} WHERE machine_id = %s AND owner = %s",
             (machine_id, owner),
         )
         return int(self.cursor.rowcount) == 1
@@ -106,10 +132,18 @@ class PostgreSQLRawCycle(RawCycle):
 
 
 class MySQLRawCycle(RawCycle):
-    def __init__(self, settings_params: dict[str, Any]) -> None:
+    # The server's defaults for everything else (utf8mb4 and its default collation).
+    schema = (
+        "CREATE TABLE {state} (machine_id VARCHAR(512) PRIMARY KEY, data JSON NOT NULL,"
+        " version BIGINT NOT NULL)",
+        "CREATE TABLE {lock} (machine_id VARCHAR(512) PRIMARY KEY,"
+        " owner VARCHAR(255) NOT NULL, expires_at DATETIME(6) NOT NULL)",
+    )
+
+    def __init__(self, settings_params: dict[str, Any], tables: Tables) -> None:
         import MySQLdb
 
-        super().__init__(settings_params)
+        super().__init__(settings_params, tables)
         params = dict(settings_params)
         # Django's conversions and FOUND_ROWS flag; the baseline uses the driver's defaults
         # (rowcount = rows changed, which these statements can use just as well).
@@ -121,8 +155,7 @@ class MySQLRawCycle(RawCycle):
     def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
         micros = round(ttl * 1_000_000)
         self.cursor.execute(
-            f"UPDATE {LOCK_TABLE} SET owner = %s, token = token + 1,"
-            " acquired_at = UTC_TIMESTAMP(6),"
+            f"UPDATE {self.lock_table} SET owner = %s,"
             " expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
             " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6)",
             (owner, micros, machine_id),
@@ -130,38 +163,35 @@ class MySQLRawCycle(RawCycle):
         if self.cursor.rowcount == 1:
             return True
         self.cursor.execute(
-            f"INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
-            " expires_at) VALUES (%s, %s, 1, UTC_TIMESTAMP(6),"
-            " UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)",
+            f"INSERT IGNORE INTO {self.lock_table} (machine_id, owner, expires_at)"
+            " VALUES (%s, %s, UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)",
             (machine_id, owner, micros),
         )
         return int(self.cursor.rowcount) == 1
 
     def read(self, machine_id: str) -> tuple[str, int] | None:
         self.cursor.execute(
-            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = %s", (machine_id,)
+            f"SELECT data, version FROM {self.state} WHERE machine_id = %s", (machine_id,)
         )
         return self.cursor.fetchone()  # type: ignore[no-any-return]
 
     def write(self, machine_id: str, text: str, version: int | None) -> bool:
         if version is None:
             self.cursor.execute(
-                f"INSERT IGNORE INTO {STATE_TABLE} (machine_id, state, version, fence,"
-                " created_at, updated_at)"
-                " VALUES (%s, %s, 1, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                f"INSERT IGNORE INTO {self.state} (machine_id, data, version) VALUES (%s, %s, 1)",
                 (machine_id, text),
             )
         else:
             self.cursor.execute(
-                f"UPDATE {STATE_TABLE} SET state = %s, version = version + 1,"
-                " updated_at = UTC_TIMESTAMP(6) WHERE machine_id = %s AND version = %s",
+                f"UPDATE {self.state} SET data = %s, version = version + 1"
+                " WHERE machine_id = %s AND version = %s",
                 (text, machine_id, version),
             )
         return int(self.cursor.rowcount) == 1
 
     def unlock(self, machine_id: str, owner: str) -> bool:
         self.cursor.execute(
-            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = %s AND owner = %s",
+            f"DELETE FROM {self.lock_table} WHERE machine_id = %s AND owner = %s",
             (machine_id, owner),
         )
         return int(self.cursor.rowcount) == 1
@@ -171,10 +201,17 @@ class MySQLRawCycle(RawCycle):
 
 
 class SQLiteRawCycle(RawCycle):
-    def __init__(self, settings_params: dict[str, Any]) -> None:
+    schema = (
+        "CREATE TABLE {state} (machine_id TEXT PRIMARY KEY, data TEXT NOT NULL,"
+        " version INTEGER NOT NULL)",
+        "CREATE TABLE {lock} (machine_id TEXT PRIMARY KEY, owner TEXT NOT NULL,"
+        " expires_at TEXT NOT NULL)",
+    )
+
+    def __init__(self, settings_params: dict[str, Any], tables: Tables) -> None:
         import sqlite3
 
-        super().__init__(settings_params)
+        super().__init__(settings_params, tables)
         self.connection = sqlite3.connect(
             settings_params["database"],
             timeout=settings_params.get("timeout", 5),
@@ -187,40 +224,39 @@ class SQLiteRawCycle(RawCycle):
 
     def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
         self.cursor.execute(
-            f"INSERT INTO {LOCK_TABLE} AS l (machine_id, owner, token, acquired_at, expires_at)"
-            f" VALUES (?, ?, 1, {NOW}, strftime('%Y-%m-%d %H:%M:%f', 'now', ?))"
+            f"INSERT INTO {self.lock_table} AS l (machine_id, owner, expires_at)"
+            " VALUES (?, ?, strftime('%Y-%m-%d %H:%M:%f', 'now', ?))"
             " ON CONFLICT (machine_id) DO UPDATE SET owner = excluded.owner,"
-            " token = l.token + 1, acquired_at = excluded.acquired_at,"
-            f" expires_at = excluded.expires_at WHERE l.expires_at <= {NOW} RETURNING token",
+            f" expires_at = excluded.expires_at WHERE l.expires_at <= {NOW} RETURNING 1",
             (machine_id, owner, f"+{ttl:.3f} seconds"),
         )
         return bool(self.cursor.fetchall())
 
     def read(self, machine_id: str) -> tuple[str, int] | None:
         self.cursor.execute(
-            f"SELECT state, version FROM {STATE_TABLE} WHERE machine_id = ?", (machine_id,)
+            f"SELECT data, version FROM {self.state} WHERE machine_id = ?", (machine_id,)
         )
         return self.cursor.fetchone()  # type: ignore[no-any-return]
 
     def write(self, machine_id: str, text: str, version: int | None) -> bool:
         if version is None:
             self.cursor.execute(
-                f"INSERT INTO {STATE_TABLE} (machine_id, state, version, fence, created_at,"
-                f" updated_at) VALUES (?, ?, 1, 0, {NOW}, {NOW})"
+                f"INSERT INTO {self.state} (machine_id, data, version) VALUES (?, ?, 1)"
                 " ON CONFLICT (machine_id) DO NOTHING",
                 (machine_id, text),
             )
         else:
             self.cursor.execute(
-                f"UPDATE {STATE_TABLE} SET state = ?, version = version + 1,"
-                f" updated_at = {NOW} WHERE machine_id = ? AND version = ?",
+                f"UPDATE {self.state} SET data = ?, version = version + 1"
+                " WHERE machine_id = ? AND version = ?",
                 (text, machine_id, version),
             )
         return int(self.cursor.rowcount) == 1
 
     def unlock(self, machine_id: str, owner: str) -> bool:
         self.cursor.execute(
-            f"DELETE FROM {LOCK_TABLE} WHERE machine_id = ? AND owner = ?", (machine_id, owner)
+            f"DELETE FROM {self.lock_table} WHERE machine_id = ? AND owner = ?",
+            (machine_id, owner),
         )
         return int(self.cursor.rowcount) == 1
 
@@ -295,9 +331,33 @@ FILLS: dict[str, Callable[[Cursor, str, int, int], None]] = {
 }
 
 
-def raw_cycle(connection: BaseDatabaseWrapper) -> RawCycle:
+def raw_cycle(connection: BaseDatabaseWrapper, tables: Tables) -> RawCycle:
     """A RawCycle on a new driver connection with the parameters of Django's ``connection``."""
-    return CYCLES[connection.vendor](connection.get_connection_params())
+    return CYCLES[connection.vendor](connection.get_connection_params(), tables)
+
+
+def _run_on_driver(connection: BaseDatabaseWrapper, statements: list[str]) -> None:
+    # The driver's own cursor, in autocommit: the statements are the baseline's, not Django's.
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor = connection.connection.cursor()
+        try:
+            for sql in statements:
+                cursor.execute(sql)
+        finally:
+            cursor.close()
+
+
+def create_tables(connection: BaseDatabaseWrapper, tables: Tables) -> None:
+    """Create a run's baseline tables, as a user of the bare driver would."""
+    schema = CYCLES[connection.vendor].schema
+    _run_on_driver(connection, [sql.format(state=tables.state, lock=tables.lock) for sql in schema])
+
+
+def drop_tables(connection: BaseDatabaseWrapper, tables: Tables) -> None:
+    _run_on_driver(
+        connection, [f"DROP TABLE IF EXISTS {table}" for table in (tables.state, tables.lock)]
+    )
 
 
 def fill(connection: BaseDatabaseWrapper, prefix: str, states: int, expired_locks: int) -> None:

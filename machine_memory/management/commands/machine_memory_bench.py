@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -21,7 +23,7 @@ from machine_memory.bench import (
     run_in_processes,
     summary,
 )
-from machine_memory.bench.baseline import fill, raw_cycle
+from machine_memory.bench.baseline import Tables, create_tables, drop_tables, fill, raw_cycle
 from machine_memory.conf import conf
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.management.arguments import (
@@ -192,12 +194,21 @@ class Command(BaseCommand):
             return result
         memory_runs: list[Timings] = []
         raw_runs: list[Timings] = []
-        for run in range(options["runs"]):
-            ids = self.ids(f"{prefix}r{run}", workers, machines)
-            memory_runs.append(self.cycle_run("MachineMemory", memory, ids, options))
-            if not options["no_raw"]:
-                raw_ids = self.ids(f"{prefix}raw{run}", workers, machines)
-                raw_runs.append(self.cycle_run("raw driver", memory, raw_ids, options, raw=True))
+        tables = None if options["no_raw"] else Tables.for_run(uuid.uuid4().hex[:12])
+        if tables is not None:
+            create_tables(connection, tables)
+        try:
+            for run in range(options["runs"]):
+                ids = self.ids(f"{prefix}r{run}", workers, machines)
+                memory_runs.append(self.cycle_run("MachineMemory", memory, ids, options))
+                if tables is not None:
+                    raw_ids = self.ids(f"{prefix}raw{run}", workers, machines)
+                    raw_runs.append(
+                        self.cycle_run("raw driver", memory, raw_ids, options, tables=tables)
+                    )
+        finally:
+            if tables is not None:
+                drop_tables(connection, tables)
         result["memory"] = summary(memory_runs)
         if raw_runs:
             result["raw"] = summary(raw_runs)
@@ -280,27 +291,29 @@ class Command(BaseCommand):
         memory: MachineMemory,
         ids: list[str],
         options: dict[str, Any],
-        raw: bool = False,
+        tables: Tables | None = None,
     ) -> Timings:
+        """One run of cycles through the memory, or on the bare driver into ``tables``."""
         workers, cycles = options["workers"], options["cycles"]
         if workers > 1:
             per_worker = len(ids) // workers
             return run_in_processes(
                 [
                     {
-                        "kind": "raw" if raw else "memory",
+                        "kind": "memory" if tables is None else "raw",
                         "database": memory.using,
                         "lock_backend": options["lock_backend"],
                         "ids": ids[w * per_worker : (w + 1) * per_worker],
                         "cycles": cycles // workers,
+                        "tables": None if tables is None else dataclasses.asdict(tables),
                     }
                     for w in range(workers)
                 ]
             )
         progress = Progress(label, cycles, sys.stderr.isatty() and not options["json"])
         try:
-            if raw:
-                cycle = raw_cycle(connections[memory.using])
+            if tables is not None:
+                cycle = raw_cycle(connections[memory.using], tables)
                 try:
                     return raw_cycles(cycle, ids, cycles, progress)
                 finally:
