@@ -1133,7 +1133,7 @@ def test_the_schema_is_valid_openapi() -> None:
         post = paths[lock_path]["post"]
         request = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         acquire = schema["components"]["schemas"][request.rsplit("/", 1)[1]]
-        assert set(acquire["properties"]) == {"ttl", "wait", "read"}
+        assert set(acquire["properties"]) == {"ttl", "wait", "read", "secret"}
         assert acquire["properties"]["wait"]["maximum"] == 1.0
         response = post["responses"]["201"]["content"]["application/json"]["schema"]["$ref"]
         acquired = schema["components"]["schemas"][response.rsplit("/", 1)[1]]

@@ -18,6 +18,7 @@ import pytest
 from django.test import override_settings
 
 from machine_memory import MachineMemory
+from machine_memory.contrib.rest_framework.views import owner_for
 from machine_memory.exceptions import LockLost, WriteConflict
 from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.validation import MAX_STATE_DEPTH
@@ -192,6 +193,45 @@ def test_wait_and_read_are_acquire_options_only(api: Api, mid: str) -> None:
     for options in [{"wait": 0.5}, {"read": True}]:
         response = api.client.patch(lock_url(mid), options, format="json", headers=token)
         assert_error(response, 400, "invalid_request")
+
+
+# -- the client's own secret: an acquire sent again after a lost answer ---------------------
+
+
+def test_an_acquire_sent_again_with_its_secret_finds_its_lock(api: Api, mid: str) -> None:
+    secret = "s" * 43
+    first = body(acquire(api, mid, ttl=30, secret=secret))
+    assert first["owner"] == owner_for(secret)
+    assert first["lock_token"] == f"{first['token']}.{secret}"
+    # The answer was lost; the client sends the same request again: the same lock.
+    again = acquire(api, mid, ttl=30, secret=secret, read=True)
+    assert again.status_code == 201, again.content
+    assert body(again)["lock_token"] == first["lock_token"]
+    assert body(again)["state"] is None
+    # Another secret is refused as before, and the lock is still the first one.
+    assert_error(acquire(api, mid, secret="t" * 43), 409, "lock_held")
+    assert_error(acquire(api, mid), 409, "lock_held")
+    assert body(api.lock_get(mid))["token"] == first["token"]
+    # Its token works as any other: fenced writes, release.
+    holder = {"Lock-Token": first["lock_token"]}
+    assert api.put(mid, {"n": 1}, **holder).status_code == 201
+    assert api.release(mid, first["lock_token"]).status_code == 204
+    assert_error(api.lock_get(mid), 404, "not_found")
+
+
+def test_a_secret_after_a_takeover_is_refused(api: Api, mid: str) -> None:
+    secret = "u" * 43
+    acquire(api, mid, ttl=0.2, secret=secret)
+    time.sleep(0.4)
+    other = api.acquire(mid, ttl=30)
+    assert_error(acquire(api, mid, secret=secret), 409, "lock_held")
+    assert body(api.lock_get(mid))["token"] == other["token"]
+
+
+@pytest.mark.parametrize("secret", ["short", "x" * 31, "x" * 129, "a b" * 20, "é" * 40, 42])
+def test_a_secret_must_be_long_and_url_safe(api: Api, mid: str, secret: Any) -> None:
+    assert_error(acquire(api, mid, secret=secret), 400, "invalid_request")
+    assert_error(api.lock_get(mid), 404, "not_found")
 
 
 # -- lock and read in one request ---------------------------------------------------------

@@ -338,12 +338,19 @@ export class HttpMachineMemory<T extends Record<string, any>> implements IMachin
    * Acquires the lock on `id`: true, or false once it was refused `lockRetries` + 1 times
    * (backoff from `lockBackoffMs`, doubling, ±10 % jitter). A transient failure is retried
    * once, then LockError. The state comes along with the lock, for the next read(id).
+   * Every attempt of one call sends the same random secret: when an answer is lost, the
+   * retry finds the lock that request took instead of leaving it to expire.
    */
   async lock(id: string, options: LockOptions = {}): Promise<boolean> {
     checkId(id);
     const ttl = options.ttl ?? this.#lockTtl;
     const wait = options.wait ?? this.#lockWait;
-    const body = JSON.stringify({ read: true, ...(ttl === undefined ? {} : { ttl }), ...(wait > 0 ? { wait } : {}) });
+    const body = JSON.stringify({
+      read: true,
+      secret: newSecret(),
+      ...(ttl === undefined ? {} : { ttl }),
+      ...(wait > 0 ? { wait } : {}),
+    });
     const headers = { "Content-Type": "application/json" };
     const timeoutMs = this.#timeoutMs + wait * 1000;
     let denials = 0;
@@ -558,6 +565,12 @@ export class HttpMachineMemory<T extends Record<string, any>> implements IMachin
     };
     return exchange({ fetch: this.#fetch, url: url.href, method, headers, body: request.body, timeoutMs: request.timeoutMs });
   }
+}
+
+/** 256 random bits, base64url: the secret half of a lock token, made by this client. */
+function newSecret(): string {
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(32));
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
 function checkId(id: unknown): asserts id is string {

@@ -115,6 +115,25 @@ describe("a connection that stops passing bytes (proxy to the live server)", asy
     }
   });
 
+  test("a lock whose answer is lost is found again by the retry, not left to expire", async () => {
+    const id = uid();
+    const mm = new HttpMachineMemory({ baseUrl: proxy.url, token, timeoutMs: 400, logger: null });
+    proxy.control.mode = "swallow";
+    const pending = mm.lock(id);
+    // The server took the lock and answered; the answer is gone. Let the retry through.
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    proxy.control.mode = "forward";
+    try {
+      assert.equal(await pending, true);
+      assert.equal((await rawGet("lock/", id)).status, 200);
+      await mm.write(id, { n: 1 }, await mm.read(id)); // fenced by the recovered token
+      assert.equal(await mm.unlock(id), true);
+      assert.equal((await rawGet("lock/", id)).status, 404);
+    } finally {
+      proxy.control.mode = "forward";
+    }
+  });
+
   test("unlock when the server cannot be reached: false and a warning, never a throw", async () => {
     const id = uid();
     const logger = recordingLogger();
@@ -230,7 +249,9 @@ describe("answers of the API's error statuses (stub server)", () => {
       assert.equal(create.headers["lock-token"], undefined);
       assert.deepEqual(JSON.parse(create.body), { data: { n: 1 } });
       assert.equal(lock.url, "/api/machine-memory/lock/?id=a+b");
-      assert.deepEqual(JSON.parse(lock.body), { read: true });
+      const { secret, ...options } = JSON.parse(lock.body);
+      assert.deepEqual(options, { read: true });
+      assert.match(secret, /^[A-Za-z0-9_-]{43}$/); // 256 random bits, base64url
       assert.equal(overwrite.headers["lock-token"], "7.secretsecretsecret");
       assert.equal(overwrite.headers["if-none-match"], undefined);
       assert.equal(overwrite.headers["if-match"], undefined);

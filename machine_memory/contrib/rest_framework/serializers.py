@@ -118,6 +118,13 @@ class LockAcquireSerializer(LockRequestSerializer):
         help_text="Seconds to keep trying while another owner holds the lock; default 0: "
         "a refusal is answered at once (409 lock_held).",
     )
+    secret = serializers.RegexField(
+        r"\A[A-Za-z0-9_-]{32,128}\Z",
+        required=False,
+        help_text="Your own random secret for this acquisition (32-128 of A-Z a-z 0-9 _ -), "
+        "default: one the server makes. Sent again after a lost answer, it finds the lock it "
+        "took: 201 with the same token, instead of a lock nobody can release.",
+    )
     read = StrictBooleanField(
         required=False,
         help_text="true: the response's state carries the state and its ETag as they are "

@@ -528,13 +528,14 @@ class LockDetailView(OneMachineAPIView):
         ttl: float | None = options.validated_data.get("ttl")
         wait: float = options.validated_data.get("wait", 0.0)
         read: bool = options.validated_data.get("read", False)
-        secret = secrets.token_urlsafe(32)
+        given: str | None = options.validated_data.get("secret")
+        secret = secrets.token_urlsafe(32) if given is None else given
         # One attempt per try: the waiting, if any, is this view's (LOCK_RETRIES is for
         # workers, which have nobody to answer meanwhile).
         memory = MachineMemory(owner=owner_for(secret), lock_retries=0)
         body: dict[str, Any] = {"id": machine_id}
         try:
-            if not _acquire(memory, machine_id, ttl, wait):
+            if not _acquire(memory, machine_id, ttl, wait, secret_given=given is not None):
                 raise ApiError(
                     409, "lock_held", f"Machine {machine_id!r} is locked by another owner."
                 )
@@ -605,19 +606,40 @@ class LockDetailView(OneMachineAPIView):
         return ttl
 
 
-def _acquire(memory: MachineMemory, machine_id: str, ttl: float | None, wait: float) -> bool:
-    """Try to take the lock until ``wait`` seconds have passed (0: one attempt)."""
+def _acquire(
+    memory: MachineMemory, machine_id: str, ttl: float | None, wait: float, *, secret_given: bool
+) -> bool:
+    """Try to take the lock until ``wait`` seconds have passed (0: one attempt).
+
+    With the client's own secret, a refusal may be the client's own lock, taken by the
+    same request whose answer was lost: one look after the first refusal tells.
+    """
     deadline = time.monotonic() + wait
+    look = secret_given
     # Pauses doubling from LOCK_WAIT_BACKOFF, the last one cut short so that the final
     # attempt comes at the deadline. A generous count: the deadline ends the waiting.
     for pause in pauses(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER):
         if memory.lock(machine_id, ttl):
             return True
+        if look:
+            if _taken_before(memory, machine_id):
+                return True
+            look = False
         left = deadline - time.monotonic()
         if pause is None or left <= 0:
             return False
         time.sleep(min(pause, left))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _taken_before(memory: MachineMemory, machine_id: str) -> bool:
+    """Whether the live lock is this secret's already: the same request, sent again after
+    its answer was lost. It is adopted and answered as if just taken."""
+    info = memory.lock_info(machine_id)
+    if info is None or info.owner != memory.owner:
+        return False
+    memory.adopt(machine_id, info.token)
+    return True
 
 
 def _read_holding(memory: MachineMemory, machine_id: str) -> dict[str, Any] | None:
