@@ -9,8 +9,9 @@ Concurrency rules (docs/contract.md#rest-api, docs/contract.md#write):
   / ``delete`` calls: at a version one compare-and-set, at whatever version is stored
   decided under the state row's lock, so ``If-Match: *`` never loses to concurrent
   writers. No retry loop.
-- ``POST locks/{id}/`` acquires the lock for a new, random owner and returns a lock token
-  ``"<fencing token>.<secret>"``. The owner stored with the lock is ``"api:" +
+- ``POST locks/{id}/`` acquires the lock for a new, random owner (or one from the client's
+  own ``secret``, so that a request sent again after a lost answer finds its lock) and
+  returns a lock token ``"<fencing token>.<secret>"``. The owner stored with the lock is ``"api:" +
   sha256(secret)``, so neither the database nor ``GET`` ever holds a usable token. A
   request with the ``Lock-Token`` header rebuilds that owner and ``adopt()``s the fencing
   token: extend, release and fenced writes then behave exactly as in the worker that
