@@ -335,13 +335,13 @@ class StateDetailView(OneMachineAPIView):
             if if_match is None and if_none_match is None and memory.holds(machine_id):
                 # The lock holder (Lock-Token) stores whatever is there, fenced: Arvo writes
                 # its failure record as write(id, failure, None) over an existing state.
-                version = self._create_or_overwrite(memory, machine_id, data, metadata)
+                version = self._overwrite(memory, machine_id, data, metadata, create=True)
                 created = version == 1
             elif if_match is None:
                 created = self._create(memory, machine_id, data, metadata, if_none_match)
                 version = 1
             elif if_match.any:
-                version = self._overwrite(memory, machine_id, data, metadata)
+                version = self._overwrite(memory, machine_id, data, metadata, create=False)
                 created = False
             else:
                 version = self._compare_and_set(memory, machine_id, data, metadata, if_match)
@@ -384,39 +384,30 @@ class StateDetailView(OneMachineAPIView):
         return True
 
     @staticmethod
-    def _create_or_overwrite(
-        memory: MachineMemory,
-        machine_id: str,
-        data: dict[str, Any],
-        metadata: dict[str, Any] | None,
-    ) -> int:
-        try:
-            return memory.overwrite(machine_id, data, metadata=metadata, create=True)
-        except LockLost:
-            raise
-        except WriteConflict as exc:  # created and deleted by others, again and again
-            raise ApiError(
-                409,
-                "conflict",
-                f"Machine {machine_id!r} kept changing between creates and deletes by other "
-                "writers; nothing was stored. Retry.",
-            ) from exc
-
-    @staticmethod
     def _overwrite(
         memory: MachineMemory,
         machine_id: str,
         data: dict[str, Any],
         metadata: dict[str, Any] | None,
+        *,
+        create: bool,
     ) -> int:
-        # If-Match: * means "whatever version is there": one overwrite() under the state
-        # row's lock, still counted as a new version (every other client's ETags rely on
-        # the counter) and fenced when the request carries a Lock-Token.
+        # Whatever version is there: one overwrite() under the state row's lock, still
+        # counted as a new version (every other client's ETags rely on the counter) and
+        # fenced when the request carries a Lock-Token. ``create``: the lock holder's
+        # create-or-overwrite; otherwise If-Match: *, which needs a state.
         try:
-            return memory.overwrite(machine_id, data, metadata=metadata)
+            return memory.overwrite(machine_id, data, metadata=metadata, create=create)
         except LockLost:
             raise
-        except WriteConflict as exc:  # only when there is no state to overwrite
+        except WriteConflict as exc:
+            if create:  # created and deleted by other writers, again and again
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"Machine {machine_id!r} kept changing between creates and deletes by "
+                    "other writers; nothing was stored. Retry.",
+                ) from exc
             raise ApiError(404, "not_found", f"Machine {machine_id!r} has no state.") from exc
 
     @staticmethod
