@@ -78,7 +78,7 @@ class DatabaseLockBackend(LockBackend):
             if self.dialect.release(cursor, machine_id, owner):
                 return True
             # Nothing of ours was live: fine unless someone else holds it now.
-            return not self.dialect.is_live(cursor, machine_id)
+            return self.dialect.live_lock(cursor, machine_id) is None
 
     def force_release(self, machine_id: str) -> LockInfo | None:
         connection = self.connection()

@@ -290,16 +290,6 @@ class Dialect:
         row = cursor.fetchone()
         return None if row is None else tuple(row)
 
-    def is_live(self, cursor: Cursor, machine_id: str) -> bool:
-        sql = self.statement(
-            "is_live",
-            lambda: (
-                f"SELECT 1 FROM {LOCK_TABLE} WHERE machine_id = %s AND expires_at > {self.now_sql}"
-            ),
-        )
-        cursor.execute(sql, (machine_id,))
-        return cursor.fetchone() is not None
-
     def lock_token(self, cursor: Cursor, machine_id: str) -> int | None:
         sql = self.statement(
             "lock_token", lambda: f"SELECT token FROM {LOCK_TABLE} WHERE machine_id = %s"
