@@ -19,17 +19,17 @@ from machine_memory.bench import BenchError, Timings, document, run_in_processes
 
 
 class ApiClient:
-    """One keep-alive connection to the API at ``base_url`` (ending in ``/``)."""
+    """One keep-alive connection to the API at ``base_url``: an http(s) URL ending in ``/``,
+    as the command's ``--http`` (``arguments.http_url``) makes it."""
 
     def __init__(self, base_url: str, headers: dict[str, str], timeout: float = 10.0) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise BenchError(f"--http needs an http(s) URL of the API; got {base_url!r}.")
+        assert parts.hostname, base_url  # http_url() refused URLs without one
         connection_class = (
             http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
         self.connection = connection_class(parts.hostname, parts.port, timeout=timeout)
-        self.path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        self.path = parts.path
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         self.headers.update(headers)
 
@@ -84,6 +84,7 @@ def http_cycles(client: ApiClient, ids: list[str], cycles: int) -> Timings:
         lock.append(t1 - t0)
         write.append(t2 - t1)
         unlock.append(t3 - t2)
+        timings.increments[machine_id] += 1
     timings.elapsed = time.perf_counter() - started
     timings.cycles = cycles
     return timings

@@ -241,7 +241,7 @@ class Command(BaseCommand):
             ids = self.ids(f"{prefix}h{run}", clients, machines)
             per_client = [ids[c * machines : (c + 1) * machines] for c in range(clients)]
             timings = run_http_clients(options["http"], headers, per_client, cycles // clients)
-            self.check_http_counts(memory, per_client, cycles // clients, options["http"])
+            self.check_http_counts(memory, timings, options["http"])
             http_runs.append(timings)
         result: dict[str, Any] = {
             "database": memory.using,
@@ -262,15 +262,10 @@ class Command(BaseCommand):
         return result
 
     @staticmethod
-    def check_http_counts(
-        memory: MachineMemory, per_client: list[list[str]], cycles: int, url: str
-    ) -> None:
-        """Every HTTP cycle must show in the database this command measures."""
-        expected: dict[str, int] = {}
-        for ids in per_client:
-            for number in range(cycles):
-                machine_id = ids[number % len(ids)]
-                expected[machine_id] = expected.get(machine_id, 0) + 1
+    def check_http_counts(memory: MachineMemory, timings: Timings, url: str) -> None:
+        """Every HTTP cycle the clients counted must show in the database this command
+        measures."""
+        expected = timings.increments
         stored = {machine_id: memory.read(machine_id) for machine_id in expected}
         if all(state is None for state in stored.values()):
             raise BenchError(
@@ -399,10 +394,7 @@ class Command(BaseCommand):
         if "http" in result:
             self.report_http(result)
             return
-        header = f"{'':<16}{'cycles/s':>10}" + "".join(
-            f"{op + ' p50/p99 µs':>22}" for op in OPERATIONS
-        )
-        self.stdout.write("\n" + header)
+        self.stdout.write("\n" + _header(16, "cycles/s"))
         rows: list[tuple[str, dict[str, Any]]] = [("MachineMemory", result["memory"])]
         if "raw" in result:
             rows.append((f"raw {result['vendor']}", result["raw"]))
@@ -421,10 +413,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"over HTTP: {result['http_url']}, {result['http_clients']} client processes"
         )
-        header = f"{'':<28}{'events/s':>10}" + "".join(
-            f"{op + ' p50/p99 µs':>22}" for op in OPERATIONS
-        )
-        self.stdout.write("\n" + header)
+        self.stdout.write("\n" + _header(28, "events/s"))
         rows = [
             ("MachineMemory, 1 worker", result["memory"]),
             (f"HTTP, {result['http_clients']} clients", result["http"]),
@@ -435,6 +424,11 @@ class Command(BaseCommand):
             f"\nratio HTTP / in-process: {result['http_ratio']:.2f} "
             "(HTTP: lock and read in one request)"
         )
+
+
+def _header(width: int, unit: str) -> str:
+    """The report's column titles, above ``_row`` lines with labels ``width`` wide."""
+    return f"{'':<{width}}{unit:>10}" + "".join(f"{op + ' p50/p99 µs':>22}" for op in OPERATIONS)
 
 
 def _row(label: str, width: int, data: dict[str, Any]) -> str:
