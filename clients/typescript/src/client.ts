@@ -132,6 +132,18 @@ function refusal(operation: string, id: string, answer: HttpAnswer): RequestErro
   return new RequestError(`${operation}(${JSON.stringify(id)}) was refused: ${describe(answer)}.`, answerOptions(id, answer));
 }
 
+/** A lock operation that failed on the way (a 5xx, or no answer): LockError, not a refusal. */
+function lockFailure(operation: string, id: string, failed: HttpAnswer | TransportFailure): LockError {
+  if (failed instanceof TransportFailure) {
+    return new LockError(`${operation}(${JSON.stringify(id)}): ${failed.message}`, {
+      code: failureCode(failed),
+      id,
+      cause: failed,
+    });
+  }
+  return new LockError(`${operation}(${JSON.stringify(id)}) failed: ${describe(failed)}.`, answerOptions(id, failed));
+}
+
 // A 4xx is the client's mistake and a 3xx a wrong base URL (redirects are not followed):
 // either way the request was not carried out.
 function isRefusal(answer: HttpAnswer): boolean {
@@ -371,15 +383,11 @@ export class HttpMachineMemory<T extends Record<string, any>> implements IMachin
           continue;
         }
         if (isRefusal(answer)) throw refusal("lock", id, answer);
-        failure = new LockError(`lock(${JSON.stringify(id)}) failed: ${describe(answer)}.`, answerOptions(id, answer));
+        failure = lockFailure("lock", id, answer);
         if (!TRANSIENT.has(answer.status)) throw failure;
       } catch (error) {
         if (!(error instanceof TransportFailure)) throw error;
-        failure = new LockError(`lock(${JSON.stringify(id)}): ${error.message}`, {
-          code: failureCode(error),
-          id,
-          cause: error,
-        });
+        failure = lockFailure("lock", id, error);
       }
       failures += 1;
       if (failures > 1) throw failure;
@@ -439,15 +447,11 @@ export class HttpMachineMemory<T extends Record<string, any>> implements IMachin
         // Keep the token: writes stay fenced by it until unlock().
         if (answer.status === 409 && answer.code === "lock_not_held") return false;
         if (isRefusal(answer)) throw refusal("extend", id, answer);
-        failure = new LockError(`extend(${JSON.stringify(id)}) failed: ${describe(answer)}.`, answerOptions(id, answer));
+        failure = lockFailure("extend", id, answer);
         if (!TRANSIENT.has(answer.status)) throw failure;
       } catch (error) {
         if (!(error instanceof TransportFailure)) throw error;
-        failure = new LockError(`extend(${JSON.stringify(id)}): ${error.message}`, {
-          code: failureCode(error),
-          id,
-          cause: error,
-        });
+        failure = lockFailure("extend", id, error);
       }
       if (attempt >= 1) throw failure;
       await sleep(this.#lockBackoffMs);
