@@ -15,6 +15,7 @@ import secrets
 import socket
 import time
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -67,6 +68,72 @@ LOCK_JITTER = 0.1
 # overwrite(create=True): a state can be created or deleted by an unfenced writer between
 # the look and the change; after this many rounds the last WriteConflict is raised.
 CREATE_OR_OVERWRITE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """A lock just acquired, with the state read under it (``lock_and_read``)."""
+
+    machine_id: str
+    token: int
+    # The state as read (None: no state yet), its version and its metadata columns.
+    state: dict[str, Any] | None
+    version: int | None
+    meta: Metadata | None
+    # The lock's times where they came with it (the one-round-trip path), else None.
+    lock: LockInfo | None
+
+
+class Session:
+    """One event's cycle under a lock: ``s.state`` as read, ``s.write()`` stores and releases.
+
+    Made by ``MachineMemory.session()``; ``AsyncSession`` is its twin for ``asession()``.
+    """
+
+    def __init__(self, memory: MachineMemory, locked: Locked) -> None:
+        self._memory = memory
+        self._locked = locked
+        self.written = False
+
+    @property
+    def machine_id(self) -> str:
+        return self._locked.machine_id
+
+    @property
+    def state(self) -> dict[str, Any] | None:
+        """The state read under the lock (None for a new machine); pass ``write`` a new dict."""
+        return self._locked.state
+
+    @property
+    def version(self) -> int | None:
+        return self._locked.version
+
+    @property
+    def token(self) -> int:
+        """The fencing token of the session's lock."""
+        return self._locked.token
+
+    def _check_open(self) -> None:
+        if self.written:
+            raise MachineMemoryError(
+                f"This session on {self.machine_id!r} has written already and its lock is "
+                "released; open a new session for the next event."
+            )
+
+    def write(self, data: dict[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+        """Store ``data`` over the state read, fenced, and release the lock (see ``write``)."""
+        self._check_open()
+        self._memory._session_write(self._locked, data, metadata)
+        self.written = True
+
+
+class AsyncSession(Session):
+    async def write(  # type: ignore[override]
+        self, data: dict[str, Any], metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        self._check_open()
+        await sync_to_async(self._memory._session_write)(self._locked, data, metadata)
+        self.written = True
 
 
 def default_owner() -> str:
@@ -158,6 +225,9 @@ class MachineMemory:
         # Locks this instance acquired and has not released: id -> fencing token.
         self._held: dict[str, int] = {}
         self._versions = VersionMemo()
+        # Whether lock + read and write + release can each be one round trip: the lock rows
+        # live beside the states, and the store combines their statements.
+        self._combined = self.locks.fences_in_store and self.store.combines_lock_statements
 
     def _lock_backend(self, backend: str | type[LockBackend] | LockBackend) -> LockBackend:
         from machine_memory.locks import backend_class
@@ -893,6 +963,179 @@ class MachineMemory:
             yield
         finally:
             await self.aunlock(machine_id)
+
+    # -- the cycle in two round trips (docs/contract.md#the-cycle-in-one-call) ---------
+
+    def _one_trip(self) -> bool:
+        # Inside the caller's transaction the lock must commit on its own connection
+        # (DatabaseLockBackend.connection): the classic statements then.
+        return self._combined and not self.store.in_transaction()
+
+    def _take_once(self, machine_id: str, ttl: float) -> Locked | None:
+        """One attempt at the lock, and the state read under it."""
+        if not self._one_trip():
+            if not self._lock_once(machine_id, ttl):
+                return None
+            return self._read_holding(machine_id, None)
+        try:
+            try:
+                taken = self.store.acquire_and_load(machine_id, self.owner, ttl)
+            except self.store.transient_errors:
+                # As in lock(): the attempt may have landed; one look settles it.
+                token = self._acquire_after_failure(machine_id, ttl)
+                if token is None:
+                    return None
+                self._held[machine_id] = token
+                return self._read_holding(machine_id, None)
+        except self.store.errors as exc:
+            self._release_after_failed_acquire(machine_id)
+            raise LockError(f"Locking machine {machine_id!r} failed: {exc}") from exc
+        if taken is None:
+            return None
+        self._held[machine_id] = taken.token
+        row = taken.stored
+        if row is None:
+            return Locked(machine_id, taken.token, None, None, None, taken.lock)
+        data = decode_state(row.document)
+        self._versions.remember(machine_id, data, row.version, row.meta)
+        return Locked(machine_id, taken.token, data, row.version, row.meta, taken.lock)
+
+    def _read_holding(self, machine_id: str, lock: LockInfo | None) -> Locked:
+        """Read the state under the lock just taken; a failed read releases the lock."""
+        try:
+            data = self.read(machine_id)
+        except ReadError:
+            # Nobody gets a token to release it with: do it now, not after a whole TTL.
+            self.unlock(machine_id)
+            raise
+        token = self._held[machine_id]
+        if data is None:
+            return Locked(machine_id, token, None, None, None, lock)
+        seen = self._versions.lookup(machine_id, data)
+        assert seen is not None
+        return Locked(machine_id, token, data, seen[0], seen[1], lock)
+
+    def lock_and_read(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> Locked | None:
+        """``lock()`` then ``read()``, as one round trip and one commit with database locks.
+
+        None when denied after ``lock()``'s retries. The lock is held until ``unlock()``
+        (``session()`` is the same with the release taken care of).
+        """
+        machine_id = validate_id(machine_id)
+        seconds = self._ttl(ttl)
+        for pause in self._lock_pauses():
+            locked = self._take_once(machine_id, seconds)
+            if locked is not None:
+                return locked
+            if pause is None:
+                logger.debug("Lock on %r denied: held by another owner.", machine_id)
+                return None
+            time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def alock_and_read(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> Locked | None:
+        machine_id = validate_id(machine_id)
+        seconds = self._ttl(ttl)
+        take_once = sync_to_async(self._take_once)
+        for pause in self._lock_pauses():
+            locked = await take_once(machine_id, seconds)
+            if locked is not None:
+                return locked
+            if pause is None:
+                logger.debug("Lock on %r denied: held by another owner.", machine_id)
+                return None
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _session_write(
+        self, locked: Locked, data: dict[str, Any], metadata: Mapping[str, Any] | None
+    ) -> None:
+        """``Session.write``: the fenced write and the release, together where they can be."""
+        machine_id = locked.machine_id
+        text = encode_state(data, self.max_state_bytes)
+        meta = resolve_metadata(data, metadata, machine_id)
+        expected = locked.version
+        changed = None if expected is not None and locked.meta == meta else meta
+        released = False
+        if self._one_trip():
+            try:
+                written, released = self.store.write_and_release(
+                    machine_id, text, expected, changed, locked.token
+                )
+            except NothingSent as exc:
+                raise self._not_sent("Writing", machine_id, exc) from exc.__cause__
+            except self.store.transient_errors as exc:
+                self._settle(
+                    machine_id, exc, lambda row: self._wrote_and_released(row, locked, data)
+                )
+                written = True
+            except self.store.errors as exc:
+                raise WriteError(f"Writing machine {machine_id!r} failed: {exc}") from exc
+            if not written:
+                self._raise_rejected(machine_id, expected, locked.token)
+        else:
+            self._compare_and_set(machine_id, data, text, expected, changed)
+        if locked.state is not None:
+            self._versions.forget(machine_id, locked.state)
+        self._written(machine_id, data, 1 if expected is None else expected + 1, meta)
+        if released:
+            self._held.pop(machine_id, None)
+        elif not self.store.in_transaction():
+            # Inside the caller's transaction the write commits later: the session's exit
+            # releases instead.
+            self.unlock(machine_id)
+
+    def _wrote_and_released(
+        self, row: Stored | None, locked: Locked, data: dict[str, Any]
+    ) -> bool | None:
+        """``_wrote`` for a write that commits together with its release: where no row can
+        tell (a create), the lock can. Still live with the session's token, it was not
+        released, so the write did not commit either."""
+        verdict = _wrote(row, data, locked.version)
+        if verdict is not None or row is not None:
+            return verdict
+        try:
+            info = self.locks.info(locked.machine_id)
+        except self.locks.errors:
+            return None
+        return False if info is not None and info.token == locked.token else None
+
+    @contextmanager
+    def session(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> Iterator[Session]:
+        """``with memory.session(id) as s:`` lock + read, then ``s.write(data)``: write +
+        release; each one round trip and one commit with database locks.
+
+        Denied after ``lock()``'s retries: ``LockNotAcquired``. Leaving the block without
+        ``s.write`` (or with an exception) releases the lock.
+        """
+        locked = self.lock_and_read(machine_id, ttl)
+        if locked is None:
+            raise LockNotAcquired(validate_id(machine_id))
+        try:
+            yield Session(self, locked)
+        finally:
+            if self._held.get(locked.machine_id) == locked.token:
+                self.unlock(locked.machine_id)
+
+    @asynccontextmanager
+    async def asession(
+        self, machine_id: str, ttl: float | datetime.timedelta | None = None
+    ) -> AsyncIterator[AsyncSession]:
+        """``async with memory.asession(id) as s:`` the twin of ``session``; ``await s.write()``."""
+        locked = await self.alock_and_read(machine_id, ttl)
+        if locked is None:
+            raise LockNotAcquired(validate_id(machine_id))
+        try:
+            yield AsyncSession(self, locked)
+        finally:
+            if self._held.get(locked.machine_id) == locked.token:
+                await self.aunlock(locked.machine_id)
 
     def close(self) -> None:
         """Close connections this instance opened for itself."""

@@ -26,6 +26,7 @@ from machine_memory.exceptions import (
     InvalidState,
     LockLost,
     LockNotAcquired,
+    MachineMemoryError,
     WriteConflict,
 )
 from machine_memory.locks.memory import InMemoryLockBackend
@@ -398,6 +399,146 @@ class MachineMemoryConformance:
         assert not memory.holds(machine_id)
         assert other.lock(machine_id)
         assert other.unlock(machine_id)
+
+    # -- the cycle in one call: session() ------------------------------------------------
+
+    def test_session_cycle(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        with memory.session(machine_id) as s:
+            assert (s.machine_id, s.state, s.version) == (machine_id, None, None)
+            assert memory.holds(machine_id) and s.token == memory.held_token(machine_id)
+            assert other.lock_and_read(machine_id) is None  # held: denied
+            s.write({"step": 1})
+            # write() released the lock at once, before the block ends.
+            assert not memory.holds(machine_id)
+            locked = other.lock_and_read(machine_id)
+            assert locked is not None and locked.state == {"step": 1} and locked.version == 1
+            assert locked.token > s.token
+            assert other.unlock(machine_id)
+        with memory.session(machine_id) as s:
+            assert s.state == {"step": 1} and s.version == 1
+            s.state["step"] = 2  # Arvo's handlers mutate what they read: that is fine
+            s.write(s.state)
+        assert memory.read(machine_id) == {"step": 2}
+        assert other.lock(machine_id)
+        assert other.unlock(machine_id)
+
+    def test_session_without_write_releases(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        memory.write(machine_id, {"kept": True}, None)
+        with memory.session(machine_id) as s:
+            assert s.state == {"kept": True}
+        assert not memory.holds(machine_id)
+        with _raises(ValueError), memory.session(machine_id):
+            raise ValueError("the handler failed")
+        assert not memory.holds(machine_id)
+        assert other.lock(machine_id)
+        assert other.unlock(machine_id)
+        assert memory.read(machine_id) == {"kept": True}
+
+    def test_session_denied_after_lock_retries(self) -> None:
+        holder, waiter, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        assert holder.lock(machine_id)
+        started = time.monotonic()
+        with _raises(LockNotAcquired) as caught, waiter.session(machine_id):
+            raise AssertionError("must not run")
+        elapsed = time.monotonic() - started
+        assert repr(machine_id) in str(caught[0])
+        window = sum(waiter.lock_backoff * 2**n for n in range(waiter.lock_retries))
+        assert window * 0.9 <= elapsed < 1.0
+        assert not waiter.holds(machine_id)
+        assert holder.unlock(machine_id)
+
+    def test_session_write_is_fenced(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        memory.write(machine_id, {"by": "nobody"}, None)
+        with memory.session(machine_id, ttl=self.short_ttl) as s:
+            time.sleep(self.short_ttl + 0.1)
+            assert other.lock(machine_id)
+            with _raises(LockLost):
+                s.write({"by": "late holder"})
+            assert not s.written
+            assert other.read(machine_id) == {"by": "nobody"}
+        # Leaving did not release the other owner's lock.
+        info = other.lock_info(machine_id)
+        assert info is not None and info.owner == other.owner
+        assert other.unlock(machine_id)
+
+    def test_session_write_is_version_checked_and_keeps_the_lock(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        memory.write(machine_id, {"n": 1}, None)
+        with memory.session(machine_id) as s:
+            # A writer that ignores the lock (none taken) moves the state on.
+            other.write(machine_id, {"n": 100}, other.read(machine_id))
+            with _raises(WriteConflict) as caught:
+                s.write({"n": 2})
+            assert not isinstance(caught[0], LockLost)
+            assert memory.holds(machine_id)  # still held until the block ends
+            assert other.lock(machine_id) is False or other.unlock(machine_id)
+        assert memory.read(machine_id) == {"n": 100}
+        assert not memory.holds(machine_id)
+
+    def test_session_creates_only_when_nothing_is_stored(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        with memory.session(machine_id) as s:
+            other.write(machine_id, {"first": "other"}, None)
+            with _raises(WriteConflict):
+                s.write({"first": "session"})
+        assert memory.read(machine_id) == {"first": "other"}
+
+    def test_session_writes_once(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        with memory.session(machine_id) as s:
+            s.write({"n": 1})
+            with _raises(MachineMemoryError):
+                s.write({"n": 2})
+        assert memory.read(machine_id) == {"n": 1}
+
+    def test_session_bad_input_writes_nothing(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        with _raises(InvalidMachineId), memory.session(""):
+            raise AssertionError("must not run")
+        with memory.session(machine_id) as s:
+            with _raises(InvalidState):
+                s.write({"bad": float("nan")})
+            with _raises(InvalidState):
+                s.write(None)
+            assert memory.holds(machine_id)
+        assert memory.read(machine_id) is None
+        assert other.lock(machine_id)
+        assert other.unlock(machine_id)
+
+    def test_session_metadata(self) -> None:
+        memory, machine_id = self.make_memory(), self.new_id()
+        # New metadata, the same again (left as stored), then changed.
+        for version, (status, source) in enumerate(
+            [("running", "a"), ("running", "a"), ("done", "b")], start=1
+        ):
+            with memory.session(machine_id) as s:
+                s.write({"executionStatus": status, "n": version}, metadata={"source": source})
+            with memory.session(machine_id) as s:
+                assert s.state == {"executionStatus": status, "n": version}
+                assert s.version == version
+
+    def test_async_session(self) -> None:
+        memory, other, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+
+        async def scenario() -> None:
+            async with memory.asession(machine_id) as s:
+                assert s.state is None
+                assert await other.alock_and_read(machine_id) is None
+                await s.write({"a": 1})
+            async with other.asession(machine_id) as s:
+                assert s.state == {"a": 1} and s.version == 1
+            assert await memory.alock(machine_id)
+            try:
+                with _raises(LockNotAcquired):
+                    async with other.asession(machine_id):
+                        raise AssertionError("must not run")
+            finally:
+                assert await memory.aunlock(machine_id)
+
+        asyncio.run(scenario())
 
     # -- cleanup -------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ Faults:
   ``resume()`` or a cut: a server that answers into a black hole). ``then="refuse"`` or
   ``then="stall"`` switches the proxy into that mode in the same instant the trigger fires,
   so that the client's reconnect is already affected.
-- ``watch(pattern)``: counts requests containing ``pattern`` once forwarded, with an event
-  to wait on.
+- ``watch(pattern)``: counts occurrences of ``pattern`` in requests once forwarded, with an
+  event to wait on; ``watch(pattern, replies=True)`` counts them in the server's replies.
 
-Counters: ``accepted``, ``refused``, ``bytes_in`` (client to server, received),
+Counters: ``accepted``, ``refused``, ``requests`` (client-to-server reads forwarded),
+``bytes_in`` (client to server, received),
 ``bytes_up`` (client to server, forwarded),
 ``bytes_down`` (server to client, forwarded), ``discarded`` (server bytes dropped).
 
@@ -61,9 +62,10 @@ class ProxyError(AssertionError):
 
 @dataclass
 class Watch:
-    """Requests containing ``pattern`` that were forwarded to the server."""
+    """Occurrences of ``pattern`` forwarded to the server (or, ``replies``, to the client)."""
 
     pattern: bytes
+    replies: bool = False
     count: int = 0
     event: threading.Event = field(default_factory=threading.Event)
 
@@ -101,6 +103,7 @@ class _Link:
     reply_triggers: list[Trigger] = field(default_factory=list)
     holding: bool = False
     tail: bytes = b""
+    reply_tail: bytes = b""
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -127,6 +130,7 @@ class FaultProxy:
         self.name = name
         self.accepted = 0
         self.refused = 0
+        self.requests = 0
         self.upstream_failures = 0
         self.bytes_in = 0  # client to server, received (forwarded or not)
         self.bytes_up = 0
@@ -281,7 +285,10 @@ class FaultProxy:
                     link.reply_triggers.append(waiting)
                 # Counted before the write: the server (and then the client) may see it at once.
                 self.bytes_up += len(data)
+                self.requests += 1
                 for watch in self._watches:
+                    if watch.replies:
+                        continue
                     found = _fresh(watch.pattern, link.tail, data)
                     if found:
                         watch.count += found
@@ -320,6 +327,11 @@ class FaultProxy:
                     self.discarded += len(data)
                     continue
                 self.bytes_down += len(data)
+                for watch in self._watches:
+                    if watch.replies:
+                        watch.count += _fresh(watch.pattern, link.reply_tail, data)
+                        watch.event.set()
+                link.reply_tail = (link.reply_tail + data)[-MAX_PATTERN:]
                 link.client.write(data)
                 await link.client.drain()
         except (ConnectionError, OSError):
@@ -470,10 +482,11 @@ class FaultProxy:
 
         self.call(disarm)
 
-    def watch(self, pattern: bytes) -> Watch:
+    def watch(self, pattern: bytes, *, replies: bool = False) -> Watch:
+        """Count ``pattern`` in what is forwarded to the server (``replies``: to the client)."""
         if not isinstance(pattern, bytes) or not 0 < len(pattern) <= MAX_PATTERN:
             raise ValueError(f"pattern must be 1 to {MAX_PATTERN} bytes")
-        watch = Watch(pattern)
+        watch = Watch(pattern, replies)
         self.call(lambda: self._watches.append(watch))
         return watch
 

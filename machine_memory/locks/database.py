@@ -84,7 +84,7 @@ class DatabaseLockBackend(LockBackend):
         connection = self.connection()
         with connection.wrap_database_errors:
             row = self.dialect.force_release(cursor_for(connection), machine_id)
-        return None if row is None else _lock_info(connection, row)
+        return None if row is None else lock_info(connection, row)
 
     def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
         connection = self.connection()
@@ -97,7 +97,7 @@ class DatabaseLockBackend(LockBackend):
         connection = connections[self.alias]
         with connection.wrap_database_errors:
             row = self.dialect.live_lock(cursor_for(connection), machine_id)
-        return None if row is None else _lock_info(connection, row)
+        return None if row is None else lock_info(connection, row)
 
     def fence(self, machine_id: str, owner: str, token: int) -> Fence:
         return Fence(lock_token=token)
@@ -133,7 +133,7 @@ class DatabaseLockBackend(LockBackend):
             self._local.connection = None
 
 
-def _lock_info(connection: BaseDatabaseWrapper, row: tuple[Any, ...]) -> LockInfo:
+def lock_info(connection: BaseDatabaseWrapper, row: tuple[Any, ...]) -> LockInfo:
     """A LockInfo from (owner, token, acquired_at, expires_at) as the driver returned them."""
     from machine_memory.models import StorageNow
 

@@ -28,6 +28,17 @@ Cursor = Any
 
 STATE_COLUMNS = "state, version, execution_status, parent_id, initiator, source"
 
+# What acquire_and_read returns: the lock taken as (token, acquired_at, expires_at), times
+# as the driver returns them, and the state row as ``read`` returns it (None: no state).
+Taken = tuple[tuple[int, Any, Any], "tuple[Any, int, Metadata] | None"]
+
+
+def state_row(row: Any) -> tuple[Any, int, Metadata] | None:
+    """A row of the STATE_COLUMNS as ``read`` returns it; None for a missing (NULL) state."""
+    if row is None or row[1] is None:
+        return None
+    return (row[0], int(row[1]), tuple(row[2:6]))
+
 
 class Dialect:
     vendor = "standard"
@@ -112,14 +123,15 @@ class Dialect:
 
     # -- state -------------------------------------------------------------------------
 
-    def read(self, cursor: Cursor, machine_id: str) -> tuple[Any, int, Metadata] | None:
-        """The stored document, its version and its metadata columns."""
-        sql = self.statement(
+    def read_sql(self) -> str:
+        return self.statement(
             "read", lambda: f"SELECT {STATE_COLUMNS} FROM {STATE_TABLE} WHERE machine_id = %s"
         )
-        cursor.execute(sql, (machine_id,))
-        row = cursor.fetchone()
-        return None if row is None else (row[0], row[1], row[2:6])
+
+    def read(self, cursor: Cursor, machine_id: str) -> tuple[Any, int, Metadata] | None:
+        """The stored document, its version and its metadata columns."""
+        cursor.execute(self.read_sql(), (machine_id,))
+        return state_row(cursor.fetchone())
 
     def _lock_condition(self, fence: Fence) -> str:
         if fence.lock_token is None:
@@ -135,12 +147,28 @@ class Dialect:
         """
         return f"INSERT INTO {table} ({columns}) {select} ON CONFLICT (machine_id) DO NOTHING"
 
-    def insert_state(
-        self, cursor: Cursor, machine_id: str, text: str, meta: Metadata, fence: Fence
-    ) -> bool:
-        # A new row has no fence to compare with; only the lock condition applies.
-        locked = fence.lock_token is not None
+    def state_write(
+        self,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        fence: Fence,
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The fenced create (``expected_version`` None) or compare-and-set, as (SQL, params).
 
+        Shared by ``insert_state``/``update_state`` and the vendors' ``write_and_release``,
+        so the cycle's write is the very statement ``write`` runs.
+        """
+        if expected_version is None:
+            assert meta is not None
+            return self._insert_sql(fence), self._insert_params(machine_id, text, meta, fence)
+        return self._update_sql(meta is not None, fence), self._update_params(
+            machine_id, text, expected_version, meta, fence
+        )
+
+    def _insert_sql(self, fence: Fence) -> str:
+        # A new row has no fence to compare with; only the lock condition applies.
         def build() -> str:
             now = self.now_sql
             return self.insert_if_absent_sql(
@@ -151,29 +179,21 @@ class Dialect:
                 f"{self.from_nothing} WHERE 1 = 1{self._lock_condition(fence)}",
             )
 
+        return self.statement(("insert", fence.lock_token is not None), build)
+
+    @staticmethod
+    def _insert_params(machine_id: str, text: str, meta: Metadata, fence: Fence) -> tuple[Any, ...]:
         params: tuple[Any, ...] = (machine_id, text, fence.fence_token or 0, *meta)
-        if locked:
+        if fence.lock_token is not None:
             params += (machine_id, fence.lock_token)
-        cursor.execute(self.statement(("insert", locked), build), params)
-        return int(cursor.rowcount) == 1
+        return params
 
-    def update_state(
-        self,
-        cursor: Cursor,
-        machine_id: str,
-        text: str,
-        expected_version: int,
-        meta: Metadata | None,
-        fence: Fence,
-    ) -> bool:
-        """Compare-and-set; ``meta`` None leaves the metadata columns alone.
-
-        Setting an indexed column to its own value still costs index work (SQLite rewrites
-        every index whose column is in the SET list), so unchanged metadata is not set.
-        """
+    def _update_sql(self, with_meta: bool, fence: Fence) -> str:
+        """Setting an indexed column to its own value still costs index work (SQLite
+        rewrites every index whose column is in the SET list), so unchanged metadata is
+        not set."""
         locked = fence.lock_token is not None
         fenced = fence.fence_token is not None
-        with_meta = meta is not None
 
         def build() -> str:
             sets = (
@@ -189,17 +209,45 @@ class Dialect:
                 where += " AND fence <= %s"
             return f"UPDATE {STATE_TABLE} SET {sets} WHERE {where}"
 
+        return self.statement(("update", locked, fenced, with_meta), build)
+
+    @staticmethod
+    def _update_params(
+        machine_id: str, text: str, expected_version: int, meta: Metadata | None, fence: Fence
+    ) -> tuple[Any, ...]:
         params: tuple[Any, ...] = (text,)
         if meta is not None:
             params += meta
-        if fenced:
+        if fence.fence_token is not None:
             params += (fence.fence_token,)
         params += (machine_id, expected_version)
-        if locked:
+        if fence.lock_token is not None:
             params += (machine_id, fence.lock_token)
-        if fenced:
+        if fence.fence_token is not None:
             params += (fence.fence_token,)
-        cursor.execute(self.statement(("update", locked, fenced, with_meta), build), params)
+        return params
+
+    def insert_state(
+        self, cursor: Cursor, machine_id: str, text: str, meta: Metadata, fence: Fence
+    ) -> bool:
+        """Create the state unless one exists (or the fence fails); True if created."""
+        cursor.execute(self._insert_sql(fence), self._insert_params(machine_id, text, meta, fence))
+        return int(cursor.rowcount) == 1
+
+    def update_state(
+        self,
+        cursor: Cursor,
+        machine_id: str,
+        text: str,
+        expected_version: int,
+        meta: Metadata | None,
+        fence: Fence,
+    ) -> bool:
+        """Compare-and-set; ``meta`` None leaves the metadata columns alone."""
+        cursor.execute(
+            self._update_sql(meta is not None, fence),
+            self._update_params(machine_id, text, expected_version, meta, fence),
+        )
         return int(cursor.rowcount) == 1
 
     def delete_state(
@@ -221,6 +269,44 @@ class Dialect:
             params += (fence.fence_token,)
         cursor.execute(self.statement(("delete", locked, fenced), build), params)
         return int(cursor.rowcount) == 1
+
+    # -- the cycle in two round trips (MachineMemory.session) ---------------------------
+
+    def acquire_and_read(
+        self, cursor: Cursor, machine_id: str, owner: str, ttl: float
+    ) -> Taken | None:
+        """``acquire`` and ``read`` in one round trip and one commit; None when denied.
+
+        The read must see every state committed before the lock was taken, including one
+        that the previous holder committed while this call waited for the lock row.
+        """
+        raise NotImplementedError
+
+    def write_and_release(
+        self,
+        cursor: Cursor,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        token: int,
+    ) -> tuple[bool, bool]:
+        """The write of ``state_write`` fenced by lock ``token`` and, only if it landed, the
+        release of that lock, in one round trip and one commit: (written, released).
+
+        A write that did not land leaves the lock held, as ``write`` does.
+        """
+        raise NotImplementedError
+
+    def release_token_sql(self) -> str:
+        """Expire the live lock of one acquisition (machine id and token as parameters)."""
+        return self.statement(
+            "release_token",
+            lambda: (
+                f"UPDATE {LOCK_TABLE} SET expires_at = {self.now_sql}"
+                f" WHERE machine_id = %s AND token = %s AND expires_at > {self.now_sql}"
+            ),
+        )
 
     # -- locks -------------------------------------------------------------------------
 

@@ -7,20 +7,23 @@ count means exactly "won" or "lost".
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from django.core.checks import Warning
 
 from machine_memory.exceptions import MachineMemoryError
-from machine_memory.sql.base import LOCK_TABLE, Dialect
+from machine_memory.locks.base import Fence
+from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-    from machine_memory.sql.base import Cursor
+    from machine_memory.sql.base import Cursor, Taken
+    from machine_memory.validation import Metadata
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 # The server's error for KILL of a thread that no longer exists.
@@ -96,11 +99,7 @@ class MySQLDialect(Dialect):
         return f"INSERT IGNORE INTO {table} ({columns}) {select}"
 
     def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
-        if not self._is_mariadb(cursor):
-            raise MachineMemoryError(
-                "Database locks on MySQL need sequences, which only MariaDB has; "
-                "use MariaDB or a Redis lock backend."
-            )
+        self._require_sequences(cursor)
         ttl_param = self.ttl_param(ttl)
         # LAST_INSERT_ID(expr) hands the new token back through the protocol's insert id
         # (cursor.lastrowid), which saves the SELECT that MariaDB's lack of UPDATE ...
@@ -131,6 +130,70 @@ class MySQLDialect(Dialect):
         if cursor.rowcount == 1:
             return int(cursor.lastrowid)
         return None
+
+    def acquire_and_read(
+        self, cursor: Cursor, machine_id: str, owner: str, ttl: float
+    ) -> Taken | None:
+        self._require_sequences(cursor)
+        ttl_param = self.ttl_param(ttl)
+        # One batch of autocommitted statements (mysqlclient enables multi-statements): the
+        # same insert-or-take-over as acquire(), each new token noted by LAST_INSERT_ID(),
+        # then the state read in a statement of its own, so it sees everything committed
+        # before the lock was taken. The lock is ours if the row carries the noted token:
+        # an ignored insert or a takeover that matched nothing leaves a token in no row.
+        sql = self.statement(
+            "acquire_and_read",
+            lambda: (
+                "DO LAST_INSERT_ID(0);"
+                f" INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
+                f" expires_at) VALUES (%s, %s, LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+                f" UTC_TIMESTAMP(6), {self.expires_sql()});"
+                f" UPDATE {LOCK_TABLE} SET owner = %s,"
+                f" token = LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+                f" acquired_at = UTC_TIMESTAMP(6), expires_at = {self.expires_sql()}"
+                " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6);"
+                " SELECT l.token, l.acquired_at, l.expires_at, s.state, s.version,"
+                " s.execution_status, s.parent_id, s.initiator, s.source"
+                f" FROM {LOCK_TABLE} l LEFT JOIN {STATE_TABLE} s ON s.machine_id = l.machine_id"
+                " WHERE l.machine_id = %s AND l.token = LAST_INSERT_ID()"
+            ),
+        )
+        params = (machine_id, owner, ttl_param, owner, ttl_param, machine_id, machine_id)
+        row = _batch(cursor, sql, params)[-1]
+        if row is None:
+            return None
+        return (int(row[0]), row[1], row[2]), state_row(row[3:])
+
+    def write_and_release(
+        self,
+        cursor: Cursor,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        token: int,
+    ) -> tuple[bool, bool]:
+        # One batch, one transaction: the write, its matched-row count kept in a session
+        # variable, and the release only if that count is 1.
+        write, params = self.state_write(
+            machine_id, text, expected_version, meta, Fence(lock_token=token)
+        )
+        sql = self.statement(
+            ("write_and_release", write),
+            lambda: (
+                f"START TRANSACTION; {write}; SET @machine_memory_written = ROW_COUNT();"
+                f" {self.release_token_sql()} AND @machine_memory_written = 1;"
+                " SELECT @machine_memory_written, ROW_COUNT(); COMMIT"
+            ),
+        )
+        try:
+            counts = _batch(cursor, sql, (*params, machine_id, token))[-2]
+        except BaseException:
+            # An error ends the batch before its COMMIT: end the transaction it opened.
+            _rollback_quietly(cursor)
+            raise
+        assert counts is not None
+        return counts[0] == 1, counts[1] == 1
 
     def force_release(self, cursor: Cursor, machine_id: str) -> tuple[Any, ...] | None:
         # No UPDATE ... RETURNING here: read the live lock under a row lock, then expire it,
@@ -200,6 +263,27 @@ class MySQLDialect(Dialect):
             time.sleep(0.005)
 
     @staticmethod
-    def _is_mariadb(cursor: Cursor) -> bool:
+    def _require_sequences(cursor: Cursor) -> None:
         # The server version string arrives with the handshake: no round trip.
-        return "mariadb" in cursor.connection.get_server_info().lower()
+        if "mariadb" not in cursor.connection.get_server_info().lower():
+            raise MachineMemoryError(
+                "Database locks on MySQL need sequences, which only MariaDB has; "
+                "use MariaDB or a Redis lock backend."
+            )
+
+
+def _batch(cursor: Cursor, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...] | None]:
+    """Run a multi-statement batch; the first row of each statement's result (None for a
+    statement without rows). Every result is read, so an error anywhere raises here."""
+    cursor.execute(sql, params)
+    rows: list[tuple[Any, ...] | None] = []
+    while True:
+        rows.append(cursor.fetchone() if cursor.description else None)
+        if not cursor.nextset():
+            return rows
+
+
+def _rollback_quietly(cursor: Cursor) -> None:
+    # If the connection is gone, so is its transaction.
+    with contextlib.suppress(Exception):
+        cursor.connection.rollback()

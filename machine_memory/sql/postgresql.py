@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from machine_memory.sql.base import LOCK_TABLE, Dialect
+from machine_memory.locks.base import Fence
+from machine_memory.sql.base import LOCK_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-    from machine_memory.sql.base import Cursor
+    from machine_memory.sql.base import Cursor, Taken
+    from machine_memory.validation import Metadata
 
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
@@ -69,12 +71,12 @@ class PostgreSQLDialect(Dialect):
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
         schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
-    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
+    def _acquire_sql(self, returning: str) -> str:
         # One round trip: insert, or take over the row only if its lock has expired. The
         # WHERE of DO UPDATE is evaluated on the latest row version under its row lock, so
         # two racing takeovers cannot both win.
-        sql = self.statement(
-            "acquire",
+        return self.statement(
+            ("acquire", returning),
             lambda: (
                 f"INSERT INTO {LOCK_TABLE} AS l"
                 " (machine_id, owner, token, acquired_at, expires_at)"
@@ -84,12 +86,61 @@ class PostgreSQLDialect(Dialect):
                 " token = EXCLUDED.token, acquired_at = EXCLUDED.acquired_at,"
                 " expires_at = EXCLUDED.expires_at"
                 " WHERE l.expires_at <= statement_timestamp()"
-                " RETURNING token"
+                f" RETURNING {returning}"
             ),
         )
-        cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
+
+    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
+        cursor.execute(self._acquire_sql("token"), (machine_id, owner, self.ttl_param(ttl)))
         row = cursor.fetchone()
         return None if row is None else int(row[0])
+
+    def acquire_and_read(
+        self, cursor: Cursor, machine_id: str, owner: str, ttl: float
+    ) -> Taken | None:
+        # Two statements in one pipeline: one round trip, and one implicit transaction (no
+        # Sync between them). Not one statement with a data-modifying CTE: its SELECT would
+        # read the snapshot taken when the statement began, and miss a state that the
+        # previous holder committed while this statement waited for the lock row.
+        # https://www.postgresql.org/docs/current/libpq-pipeline-mode.html
+        raw = cursor.connection
+        reader = type(cursor)(raw)
+        with raw.pipeline():
+            cursor.execute(
+                self._acquire_sql("token, acquired_at, expires_at"),
+                (machine_id, owner, self.ttl_param(ttl)),
+            )
+            reader.execute(self.read_sql(), (machine_id,))
+            lock = cursor.fetchone()
+            state = reader.fetchone()
+        if lock is None:
+            return None
+        return (int(lock[0]), lock[1], lock[2]), state_row(state)
+
+    def write_and_release(
+        self,
+        cursor: Cursor,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        token: int,
+    ) -> tuple[bool, bool]:
+        # One statement: the write, and the release only if the write returned its row.
+        write, params = self.state_write(
+            machine_id, text, expected_version, meta, Fence(lock_token=token)
+        )
+        sql = self.statement(
+            ("write_and_release", write),
+            lambda: (
+                f"WITH w AS ({write} RETURNING 1),"
+                f" r AS ({self.release_token_sql()} AND EXISTS (SELECT 1 FROM w) RETURNING 1)"
+                " SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM r)"
+            ),
+        )
+        cursor.execute(sql, (*params, machine_id, token))
+        written, released = cursor.fetchone()
+        return written == 1, released == 1
 
     def session_id(self, raw: Any) -> int | None:
         # From the connection's BackendKeyData: no round trip.

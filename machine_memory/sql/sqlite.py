@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect
+from machine_memory.locks.base import Fence
+from machine_memory.sql.base import LOCK_TABLE, STATE_COLUMNS, STATE_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
-    from machine_memory.sql.base import Cursor
+    from machine_memory.sql.base import Cursor, Taken
+    from machine_memory.validation import Metadata
 
+
+# The state's columns as RETURNING expressions of a statement on the lock row ``l``.
+STATE_SUBQUERIES = ", ".join(
+    f"(SELECT s.{column} FROM {STATE_TABLE} s WHERE s.machine_id = l.machine_id)"
+    for column in STATE_COLUMNS.split(", ")
+)
 
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
@@ -44,12 +52,12 @@ class SQLiteDialect(Dialect):
             self.statement("reserve", lambda: f"UPDATE {STATE_TABLE} SET version = version WHERE 0")
         )
 
-    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
+    def _acquire_sql(self, returning: str) -> str:
         # SQLite has no sequences. Writers are serialised by the database lock, so "highest
         # token in the table + 1" is race-free here, and purging keeps the highest row
         # (MachineLockQuerySet.purgeable) so the high-water mark survives.
-        sql = self.statement(
-            "acquire",
+        return self.statement(
+            ("acquire", returning),
             lambda: (
                 f"INSERT INTO {LOCK_TABLE} AS l"
                 " (machine_id, owner, token, acquired_at, expires_at)"
@@ -59,11 +67,58 @@ class SQLiteDialect(Dialect):
                 " token = excluded.token, acquired_at = excluded.acquired_at,"
                 " expires_at = excluded.expires_at"
                 f" WHERE l.expires_at <= {self.now_sql}"
-                " RETURNING token"
+                f" RETURNING {returning}"
             ),
         )
-        cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
+
+    def acquire(self, cursor: Cursor, machine_id: str, owner: str, ttl: float) -> int | None:
+        cursor.execute(self._acquire_sql("token"), (machine_id, owner, self.ttl_param(ttl)))
         # fetchall: the statement (and with it the autocommit) completes only once every
         # RETURNING row has been stepped through.
         rows = cursor.fetchall()
         return int(rows[0][0]) if rows else None
+
+    def acquire_and_read(
+        self, cursor: Cursor, machine_id: str, owner: str, ttl: float
+    ) -> Taken | None:
+        # One statement: RETURNING reads the state through subqueries, inside the write
+        # transaction that took the lock, so nothing can commit in between.
+        cursor.execute(
+            self._acquire_sql(f"token, acquired_at, expires_at, {STATE_SUBQUERIES}"),
+            (machine_id, owner, self.ttl_param(ttl)),
+        )
+        rows = cursor.fetchall()
+        if not rows:
+            return None
+        row = rows[0]
+        return (int(row[0]), row[1], row[2]), state_row(row[3:])
+
+    def write_and_release(
+        self,
+        cursor: Cursor,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        token: int,
+    ) -> tuple[bool, bool]:
+        # In-process, so no round trips to save: one transaction makes it one commit, and
+        # the write and the release land together. BEGIN IMMEDIATE takes the write lock
+        # first (waiting up to the busy timeout), as the write would anyway.
+        write, params = self.state_write(
+            machine_id, text, expected_version, meta, Fence(lock_token=token)
+        )
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            cursor.execute(write, params)
+            written = cursor.rowcount == 1
+            released = False
+            if written:
+                cursor.execute(self.release_token_sql(), (machine_id, token))
+                released = cursor.rowcount == 1
+            cursor.execute("COMMIT")
+        except BaseException:
+            if cursor.connection.in_transaction:
+                cursor.execute("ROLLBACK")
+            raise
+        return written, released

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from machine_memory.locks.base import Fence, LockBackend
+    from machine_memory.locks.base import Fence, LockBackend, LockInfo
     from machine_memory.validation import Metadata
 
 
@@ -34,6 +34,14 @@ class Stored(NamedTuple):
     meta: Metadata
 
 
+class Taken(NamedTuple):
+    """A lock just acquired together with the state read under it."""
+
+    token: int
+    lock: LockInfo
+    stored: Stored | None
+
+
 class StateStore(ABC):
     # Errors of the storage (mapped to ReadError / WriteError), and the subset worth a
     # retry on a fresh connection (lost connection, timeout, deadlock).
@@ -45,6 +53,9 @@ class StateStore(ABC):
     # Whether a statement that raised is known to have changed nothing, with nothing of it
     # still running anywhere (an in-process database): no outcome to settle then.
     failures_are_final: bool = False
+    # Whether acquire_and_load() and write_and_release() serve lock backends that keep
+    # their lock rows in this store (LockBackend.fences_in_store).
+    combines_lock_statements: bool = False
 
     @abstractmethod
     def load(self, machine_id: str) -> Stored | None: ...
@@ -70,6 +81,24 @@ class StateStore(ABC):
         For read-then-change outside the hot path (overwrite, delete whatever version):
         ``update``/``delete`` inside the block cannot lose to another writer. None: no row.
         """
+
+    def acquire_and_load(self, machine_id: str, owner: str, ttl: float) -> Taken | None:
+        """Take the lock (as the lock backend's ``acquire``) and load the state, in one
+        round trip and one commit; None when another owner's lock is live."""
+        raise NotImplementedError
+
+    def write_and_release(
+        self,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        token: int,
+    ) -> tuple[bool, bool]:
+        """``insert`` (``expected_version`` None) or ``update``, fenced by lock ``token``,
+        and the release of that lock only if the write landed, in one round trip and one
+        commit: (written, released). Raises ``NothingSent`` like ``insert``."""
+        raise NotImplementedError
 
     def in_transaction(self) -> bool:
         """True while the caller's own transaction is open: no reconnecting then."""

@@ -15,7 +15,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from machine_memory.connection import cursor_for, noted_session
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql import dialect_for
-from machine_memory.stores.base import NothingSent, StateStore, Stored
+from machine_memory.stores.base import NothingSent, StateStore, Stored, Taken
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -35,6 +35,7 @@ class DatabaseStateStore(StateStore):
         OperationalError,
         InterfaceError,
     )
+    combines_lock_statements = True
 
     def __init__(self, using: str) -> None:
         if using not in connections:
@@ -91,6 +92,32 @@ class DatabaseStateStore(StateStore):
         with connection.wrap_database_errors:
             return self.dialect.delete_state(
                 cursor_for(connection), machine_id, expected_version, fence
+            )
+
+    def acquire_and_load(self, machine_id: str, owner: str, ttl: float) -> Taken | None:
+        from machine_memory.locks.database import lock_info
+
+        connection = self.connection
+        with connection.wrap_database_errors:
+            taken = self.dialect.acquire_and_read(cursor_for(connection), machine_id, owner, ttl)
+        if taken is None:
+            return None
+        (token, acquired_at, expires_at), row = taken
+        info = lock_info(connection, (owner, token, acquired_at, expires_at))
+        return Taken(token, info, None if row is None else Stored(*row))
+
+    def write_and_release(
+        self,
+        machine_id: str,
+        text: str,
+        expected_version: int | None,
+        meta: Metadata | None,
+        token: int,
+    ) -> tuple[bool, bool]:
+        connection = self._connected()
+        with connection.wrap_database_errors:
+            return self.dialect.write_and_release(
+                cursor_for(connection), machine_id, text, expected_version, meta, token
             )
 
     @contextmanager

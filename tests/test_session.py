@@ -1,0 +1,248 @@
+"""``session()`` on the real databases: two round trips, one commit each, and every failure
+rule of ``write`` (docs/contract.md#the-cycle-in-one-call).
+
+The contract itself (denials, fencing, version checks, release on exit) is in the
+conformance suite (machine_memory/testing.py), which every backend runs; here is what only
+a real server can show: round trips counted on the wire, commits counted by the server,
+contention between threads, and connections cut at each step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from django.db import connections, transaction
+
+from machine_memory import MachineMemory
+from machine_memory.exceptions import (
+    LockNotAcquired,
+    MachineMemoryError,
+    WriteConflict,
+    WriteError,
+)
+from machine_memory.models import MachineLock, MachineState
+from tests.workers import in_thread, run_threads
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tests.conftest import ProxiedDatabase
+
+# PostgreSQL ends every round trip with one ReadyForQuery message ('Z', length 5, status):
+# a pipeline of several statements still ends with one.
+POSTGRES_READY = b"Z\x00\x00\x00\x05"
+# The statement that opens each vendor's write + release, and its lock + read.
+WRITE_AND_RELEASE = {"postgres": b"WITH w AS (", "mariadb": b"START TRANSACTION;"}
+ACQUIRE_AND_READ = {"postgres": b"INSERT INTO machine_memory_lock", "mariadb": b"DO LAST_INSERT_ID"}
+
+
+def round_trips(proxied: ProxiedDatabase) -> Callable[[], int]:
+    """A counter of the client's round trips through the proxy so far.
+
+    MariaDB's protocol has one request per round trip (no pipelining); PostgreSQL's client
+    may send a pipeline in several writes, but the server ends it with one ReadyForQuery.
+    """
+    if proxied.real == "postgres":
+        ready = proxied.proxy.watch(POSTGRES_READY, replies=True)
+        return lambda: ready.count
+    return lambda: proxied.proxy.requests
+
+
+def next_xid(alias: str) -> int:
+    """PostgreSQL's next transaction id, read without taking one: the count of write
+    transactions (commits) between two calls."""
+
+    def read() -> int:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+            return int(cursor.fetchone()[0])
+
+    return in_thread(read)
+
+
+def test_session_is_two_round_trips_where_the_cycle_is_four(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)  # connected, and a state to read
+    count = round_trips(proxied)
+
+    start = count()
+    with memory.session(mid) as s:
+        took = count() - start
+        assert s.state == {"n": 0}
+        s.write({"n": 1})
+        wrote = count() - start - took
+    left = count() - start - took - wrote
+    assert (took, wrote, left) == (1, 1, 0)
+
+    # The same cycle in four calls, counted the same way: the counter sees every trip.
+    start = count()
+    assert memory.lock(mid)
+    state = memory.read(mid)
+    memory.write(mid, {"n": 2}, state)
+    assert memory.unlock(mid)
+    assert count() - start >= 4
+    assert memory.read(mid) == {"n": 2}
+
+
+@pytest.mark.parametrize("alias", ["postgres"], indirect=True)
+def test_session_commits_once_to_lock_and_once_to_write(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    before = next_xid(alias)
+    with memory.session(mid) as s:
+        locked = next_xid(alias)
+        s.write({"n": 1})
+        written = next_xid(alias)
+    assert (locked - before, written - locked) == (1, 1)
+    assert next_xid(alias) == written  # leaving after the write commits nothing more
+
+
+def test_session_with_redis_locks_costs_the_database_two_round_trips(
+    proxied: ProxiedDatabase, redis_cache: str, mid: str
+) -> None:
+    from machine_memory.locks.redis import RedisLockBackend
+
+    memory = MachineMemory(
+        using=proxied.alias,
+        lock_backend=RedisLockBackend(database=proxied.alias, cache=redis_cache),
+    )
+    memory.write(mid, {"n": 0}, None)
+    count = round_trips(proxied)
+    start = count()
+    with memory.session(mid) as s:
+        s.write({"n": (s.state or {})["n"] + 1})
+    assert count() - start == 2  # the read and the fenced write; the lock is Redis's
+    assert memory.read(mid) == {"n": 1}
+
+
+def test_session_sets_the_metadata_columns(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    with memory.session(mid) as s:
+        s.write({"executionStatus": "running"}, metadata={"source": "tests", "initiator": "me"})
+    with memory.session(mid) as s:
+        s.write({"executionStatus": "done"}, metadata={"source": "tests", "initiator": "me"})
+    row = MachineState.objects.using(alias).get(pk=mid)
+    assert (row.execution_status, row.source, row.initiator, row.version) == (
+        "done",
+        "tests",
+        "me",
+        2,
+    )
+    lock = MachineLock.objects.using(alias).get(pk=mid)
+    assert lock.owner == memory.owner  # the session's lock row, released
+    assert memory.lock_info(mid) is None
+
+
+def test_contending_sessions_lose_no_update_and_never_read_stale(alias: str, mid: str) -> None:
+    """Four threads, 25 increments each, on one id. A lock + read that read the state as
+    it was before the previous holder's commit would surface as a WriteConflict."""
+    workers, events = 4, 25
+    MachineMemory(using=alias).write(mid, {"n": 0, "seen": []}, None)
+
+    def worker(index: int) -> tuple[int, int]:
+        memory = MachineMemory(using=alias, lock_retries=8, lock_backoff=0.005)
+        denied = 0
+        done = 0
+        try:
+            while done < events:
+                try:
+                    with memory.session(mid) as s:
+                        assert s.state is not None
+                        s.write({"n": s.state["n"] + 1, "seen": [*s.state["seen"][-9:], index]})
+                except LockNotAcquired:
+                    denied += 1
+                    continue
+                done += 1
+        finally:
+            memory.close()
+        return done, denied
+
+    results = run_threads(worker, workers)
+    assert sum(done for done, _ in results) == workers * events
+    state = MachineMemory(using=alias).read(mid)
+    assert state is not None and state["n"] == workers * events
+    assert MachineState.objects.using(alias).get(pk=mid).version == workers * events + 1
+
+
+def test_session_inside_atomic_uses_the_classic_statements(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    if not connections[alias].features.has_select_for_update:
+        # SQLite: one writer, so a lock cannot commit apart from the transaction.
+        with (
+            transaction.atomic(using=alias),
+            pytest.raises(MachineMemoryError, match=r"inside transaction\.atomic"),
+            memory.session(mid),
+        ):
+            raise AssertionError("must not run")
+        assert memory.lock_info(mid) is None
+        return
+    other = MachineMemory(using=alias, lock_retries=0)
+    try:
+        with transaction.atomic(using=alias):
+            with memory.session(mid) as s:
+                assert in_thread(lambda: other.lock(mid)) is False  # committed on its own
+                s.write({"in": "atomic"})
+                # The write commits with the transaction: the lock is kept until the exit.
+                assert memory.holds(mid)
+            assert not memory.holds(mid)
+        assert other.read(mid) == {"in": "atomic"}
+    finally:
+        memory.close()  # the lock's own connection
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+def test_lock_and_read_whose_reply_was_lost_adopts_the_lock(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 5}, None)
+    trigger = proxied.proxy.cut_after_reply(ACQUIRE_AND_READ[proxied.real])
+    with memory.session(mid) as s:
+        assert trigger.count == 1
+        assert s.state == {"n": 5} and s.version == 1
+        s.write({"n": 6})
+    assert memory.read(mid) == {"n": 6}
+    assert MachineMemory(using=proxied.real, lock_retries=0).lock_info(mid) is None
+
+
+@pytest.mark.parametrize("create", [False, True], ids=["update", "create"])
+@pytest.mark.parametrize("keep_upstream", [False, True], ids=["both-sides", "server-kept"])
+def test_write_and_release_cut_before_the_server_stores_nothing_and_keeps_the_lock(
+    proxied: ProxiedDatabase, mid: str, create: bool, keep_upstream: bool
+) -> None:
+    memory = MachineMemory(using=proxied.alias)
+    if not create:
+        memory.write(mid, {"n": 0}, None)
+    other = MachineMemory(using=proxied.real, lock_retries=0)
+    trigger = proxied.proxy.cut_before(WRITE_AND_RELEASE[proxied.real], keep_upstream=keep_upstream)
+    with memory.session(mid) as s:
+        with pytest.raises(WriteError, match="Nothing was stored") as raised:
+            s.write({"n": 1})
+        assert not isinstance(raised.value, WriteConflict)
+        assert trigger.count == 1 and not s.written
+        assert other.read(mid) == (None if create else {"n": 0})
+        assert in_thread(lambda: other.lock(mid)) is False  # still ours
+    assert other.lock(mid)  # released on the way out
+    assert other.unlock(mid)
+
+
+@pytest.mark.parametrize("create", [False, True], ids=["update", "create"])
+def test_write_and_release_whose_commit_reply_was_lost_returns_normally(
+    proxied: ProxiedDatabase, mid: str, create: bool
+) -> None:
+    memory = MachineMemory(using=proxied.alias)
+    if not create:
+        memory.write(mid, {"n": 0}, None)
+    trigger = proxied.proxy.cut_after_reply(WRITE_AND_RELEASE[proxied.real], keep_upstream=True)
+    with memory.session(mid) as s:
+        s.write({"n": 1})
+        assert trigger.count == 1 and s.written
+    other = MachineMemory(using=proxied.real, lock_retries=0)
+    assert other.read(mid) == {"n": 1}
+    assert other.lock(mid)  # the write and the release landed together
+    assert other.unlock(mid)
