@@ -15,8 +15,7 @@ import secrets
 import socket
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from asgiref.sync import sync_to_async
 
@@ -70,8 +69,7 @@ LOCK_JITTER = 0.1
 CREATE_OR_OVERWRITE_ATTEMPTS = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Locked:
+class Locked(NamedTuple):
     """A lock just acquired, with the state read under it (``lock_and_read``)."""
 
     machine_id: str
@@ -80,8 +78,9 @@ class Locked:
     state: dict[str, Any] | None
     version: int | None
     meta: Metadata | None
-    # The lock's times where they came with it (the one-round-trip path), else None.
-    lock: LockInfo | None
+    # The lock's owner and times: from the acquiring statement where it returned them
+    # (no query), else read from the lock backend (which may raise LockError).
+    lock_info: Callable[[], LockInfo | None]
 
 
 class Session:
@@ -976,7 +975,7 @@ class MachineMemory:
         if not self._one_trip():
             if not self._lock_once(machine_id, ttl):
                 return None
-            return self._read_holding(machine_id, None)
+            return self._read_holding(machine_id)
         try:
             try:
                 taken = self.store.acquire_and_load(machine_id, self.owner, ttl)
@@ -986,7 +985,7 @@ class MachineMemory:
                 if token is None:
                     return None
                 self._held[machine_id] = token
-                return self._read_holding(machine_id, None)
+                return self._read_holding(machine_id)
         except self.store.errors as exc:
             self._release_after_failed_acquire(machine_id)
             raise LockError(f"Locking machine {machine_id!r} failed: {exc}") from exc
@@ -995,12 +994,12 @@ class MachineMemory:
         self._held[machine_id] = taken.token
         row = taken.stored
         if row is None:
-            return Locked(machine_id, taken.token, None, None, None, taken.lock)
+            return Locked(machine_id, taken.token, None, None, None, taken.lock_info)
         data = decode_state(row.document)
         self._versions.remember(machine_id, data, row.version, row.meta)
-        return Locked(machine_id, taken.token, data, row.version, row.meta, taken.lock)
+        return Locked(machine_id, taken.token, data, row.version, row.meta, taken.lock_info)
 
-    def _read_holding(self, machine_id: str, lock: LockInfo | None) -> Locked:
+    def _read_holding(self, machine_id: str) -> Locked:
         """Read the state under the lock just taken; a failed read releases the lock."""
         try:
             data = self.read(machine_id)
@@ -1009,11 +1008,15 @@ class MachineMemory:
             self.unlock(machine_id)
             raise
         token = self._held[machine_id]
+
+        def lock_info() -> LockInfo | None:
+            return self.lock_info(machine_id)
+
         if data is None:
-            return Locked(machine_id, token, None, None, None, lock)
+            return Locked(machine_id, token, None, None, None, lock_info)
         seen = self._versions.lookup(machine_id, data)
         assert seen is not None
-        return Locked(machine_id, token, data, seen[0], seen[1], lock)
+        return Locked(machine_id, token, data, seen[0], seen[1], lock_info)
 
     def lock_and_read(
         self, machine_id: str, ttl: float | datetime.timedelta | None = None

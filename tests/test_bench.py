@@ -50,7 +50,11 @@ def assert_table(out: str, vendor: str) -> None:
     cells = r"\s+[\d,]+" + r"\s+\d+ / \d+" * len(OPERATIONS) + "$"
     assert re.search("^MachineMemory" + cells, out, re.MULTILINE), out
     assert re.search(f"^raw {vendor}" + cells, out, re.MULTILINE), out
+    # session(): lock (+ read) and write (+ release) only.
+    session = r"^session\(\)\s+[\d,]+\s+\d+ / \d+\s+-\s+\d+ / \d+\s+-$"
+    assert re.search(session, out, re.MULTILINE), out
     assert re.search(r"^ratio MachineMemory / raw: \d+\.\d\d$", out, re.MULTILINE), out
+    assert re.search(r"^ratio session\(\) / raw: \d+\.\d\d$", out, re.MULTILINE), out
 
 
 def bench_lock_rows(alias: str) -> dict[str, tuple[int, str]]:
@@ -115,7 +119,10 @@ def test_json_output(alias: str) -> None:
         assert result[kind]["cycles"] == 60
         assert result[kind]["median_of"] == 1
         assert result[kind]["denials"] == result[kind]["conflicts"] == 0
-    assert result["ratio"] > 0
+    session = result["session"]
+    assert session["cycles"] == 60 and session["cycles_per_second"] > 0
+    assert set(session["latency_us"]) == {"lock", "write"}  # lock + read, write + release
+    assert result["ratio"] > 0 and result["session_ratio"] > 0
 
 
 @pytest.mark.usefixtures("left_behind")

@@ -1,8 +1,9 @@
 """The benchmark behind ``manage.py machine_memory_bench``.
 
 It runs the Arvo cycle (lock -> read -> write(new, prev) -> unlock) through
-``MachineMemory``, then the same four operations as hand-written statements on the bare
-driver (``bench.baseline``) against the same database, and reports both side by side.
+``MachineMemory``'s four calls and through ``session()`` (lock + read, write + release),
+then the same four operations as hand-written statements on the bare driver
+(``bench.baseline``) against the same database, and reports them side by side.
 Every id it touches starts with a prefix made for the run, and only rows under that prefix
 are ever deleted.
 """
@@ -89,6 +90,7 @@ def memory_cycles(
     ids: list[str],
     cycles: int,
     progress: Callable[[int], None] | None = None,
+    start: int = 0,
 ) -> Timings:
     """The Arvo cycle through MachineMemory, each id in turn; every lock must succeed."""
     timings = Timings()
@@ -96,7 +98,7 @@ def memory_cycles(
     clock = time.perf_counter_ns
     started = time.perf_counter()
     for number in range(cycles):
-        machine_id = ids[number % len(ids)]
+        machine_id = ids[(start + number) % len(ids)]
         t0 = clock()
         if not memory.lock(machine_id):
             raise BenchError(f"lock({machine_id!r}) was denied although no one else uses it")
@@ -119,11 +121,47 @@ def memory_cycles(
     return timings
 
 
+def session_cycles(
+    memory: MachineMemory,
+    ids: list[str],
+    cycles: int,
+    progress: Callable[[int], None] | None = None,
+    start: int = 0,
+) -> Timings:
+    """The same cycle through ``session()``: "lock" times lock + read, "write" times
+    write + release."""
+    from machine_memory.exceptions import LockNotAcquired
+
+    timings = Timings()
+    lock, write = timings.samples["lock"], timings.samples["write"]
+    clock = time.perf_counter_ns
+    started = time.perf_counter()
+    for number in range(cycles):
+        machine_id = ids[(start + number) % len(ids)]
+        t0 = clock()
+        try:
+            with memory.session(machine_id) as s:
+                t1 = clock()
+                state = s.state
+                s.write(document(machine_id, 1 if state is None else state["counter"] + 1))
+                t2 = clock()
+        except LockNotAcquired as exc:
+            raise BenchError(f"{exc} although no one else uses it") from exc
+        lock.append(t1 - t0)
+        write.append(t2 - t1)
+        if progress is not None and number % 256 == 0:
+            progress(number)
+    timings.elapsed = time.perf_counter() - started
+    timings.cycles = cycles
+    return timings
+
+
 def raw_cycles(
     raw: RawCycle,
     ids: list[str],
     cycles: int,
     progress: Callable[[int], None] | None = None,
+    start: int = 0,
 ) -> Timings:
     """The same cycle on the bare driver; JSON encoding and decoding included."""
     timings = Timings()
@@ -133,7 +171,7 @@ def raw_cycles(
     dumps, loads = json.dumps, json.loads
     started = time.perf_counter()
     for number in range(cycles):
-        machine_id = ids[number % len(ids)]
+        machine_id = ids[(start + number) % len(ids)]
         t0 = clock()
         if not raw.lock(machine_id, owner, 120.0):
             raise BenchError(f"raw lock of {machine_id!r} was denied")
@@ -156,6 +194,34 @@ def raw_cycles(
     timings.elapsed = time.perf_counter() - started
     timings.cycles = cycles
     return timings
+
+
+# Cycles per turn when the kinds of cycle take turns (``interleaved``).
+TURN = 250
+
+
+def interleaved(
+    kinds: dict[str, Callable[[int, int], Timings]],
+    cycles: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Timings]:
+    """Run each kind of cycle ``cycles`` times, taking turns of ``TURN`` cycles.
+
+    ``kinds[name](start, count)`` runs cycles ``start`` to ``start + count``. Taking turns
+    gives every kind the same share of what the machine does meanwhile (the disk's
+    flushes, autovacuum, checkpoints), which on a small server moves a block of cycles by
+    more than the difference being measured.
+    """
+    merged = {name: Timings() for name in kinds}
+    for start in range(0, cycles, TURN):
+        count = min(TURN, cycles - start)
+        for name, run in kinds.items():
+            timings = run(start, count)
+            merged[name].merge(timings)
+            merged[name].elapsed += timings.elapsed
+        if progress is not None:
+            progress(start + count)
+    return merged
 
 
 def contended_cycles(memory: MachineMemory, ids: list[str], cycles: int) -> Timings:
@@ -226,6 +292,8 @@ def worker(job: dict[str, Any]) -> Timings:
         start.wait()
         if job["kind"] == "contention":
             return contended_cycles(memory, job["ids"], job["cycles"])
+        if job["kind"] == "session":
+            return session_cycles(memory, job["ids"], job["cycles"])
         return memory_cycles(memory, job["ids"], job["cycles"])
     finally:
         connections.close_all()

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from contextlib import AbstractContextManager
 
     from machine_memory.locks.base import Fence, LockBackend, LockInfo
@@ -38,8 +39,9 @@ class Taken(NamedTuple):
     """A lock just acquired together with the state read under it."""
 
     token: int
-    lock: LockInfo
     stored: Stored | None
+    # The lock as LockInfo, converted from the driver's values only if asked for.
+    lock_info: Callable[[], LockInfo]
 
 
 class StateStore(ABC):

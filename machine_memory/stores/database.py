@@ -103,8 +103,11 @@ class DatabaseStateStore(StateStore):
         if taken is None:
             return None
         (token, acquired_at, expires_at), row = taken
-        info = lock_info(connection, (owner, token, acquired_at, expires_at))
-        return Taken(token, info, None if row is None else Stored(*row))
+        return Taken(
+            token,
+            None if row is None else Stored(*row),
+            lambda: lock_info(connection, (owner, token, acquired_at, expires_at)),
+        )
 
     def write_and_release(
         self,

@@ -17,10 +17,12 @@ from machine_memory.bench import (
     BenchError,
     Timings,
     contended_cycles,
+    interleaved,
     memory_cycles,
     new_prefix,
     raw_cycles,
     run_in_processes,
+    session_cycles,
     summary,
 )
 from machine_memory.bench.baseline import Tables, create_tables, drop_tables, fill, raw_cycle
@@ -35,6 +37,8 @@ from machine_memory.management.arguments import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from machine_memory.memory import MachineMemory
 
 
@@ -193,28 +197,40 @@ class Command(BaseCommand):
             result.update(self.contention(memory, prefix, options, machines))
             return result
         memory_runs: list[Timings] = []
+        session_runs: list[Timings] = []
         raw_runs: list[Timings] = []
         tables = None if options["no_raw"] else Tables.for_run(uuid.uuid4().hex[:12])
         if tables is not None:
             create_tables(connection, tables)
         try:
             for run in range(options["runs"]):
-                ids = self.ids(f"{prefix}r{run}", workers, machines)
-                memory_runs.append(self.cycle_run("MachineMemory", memory, ids, options))
+                kinds = {
+                    "memory": self.ids(f"{prefix}r{run}", workers, machines),
+                    "session": self.ids(f"{prefix}s{run}", workers, machines),
+                }
                 if tables is not None:
-                    raw_ids = self.ids(f"{prefix}raw{run}", workers, machines)
-                    raw_runs.append(
-                        self.cycle_run("raw driver", memory, raw_ids, options, tables=tables)
-                    )
+                    kinds["raw"] = self.ids(f"{prefix}raw{run}", workers, machines)
+                if workers > 1:
+                    timings = {
+                        kind: self.cycle_run(memory, ids, options, kind, tables)
+                        for kind, ids in kinds.items()
+                    }
+                else:
+                    timings = self.turns(memory, kinds, options, tables, run)
+                memory_runs.append(timings["memory"])
+                session_runs.append(timings["session"])
+                if "raw" in timings:
+                    raw_runs.append(timings["raw"])
         finally:
             if tables is not None:
                 drop_tables(connection, tables)
         result["memory"] = summary(memory_runs)
+        result["session"] = summary(session_runs)
         if raw_runs:
             result["raw"] = summary(raw_runs)
-            result["ratio"] = round(
-                result["memory"]["cycles_per_second"] / result["raw"]["cycles_per_second"], 3
-            )
+            raw = result["raw"]["cycles_per_second"]
+            result["ratio"] = round(result["memory"]["cycles_per_second"] / raw, 3)
+            result["session_ratio"] = round(result["session"]["cycles_per_second"] / raw, 3)
         return result
 
     def http(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -229,15 +245,20 @@ class Command(BaseCommand):
         if cycles % clients:
             raise CommandError(f"--cycles {cycles} does not split evenly over {clients} clients.")
         headers = {} if options["token"] is None else {"Authorization": f"Token {options['token']}"}
-        single = {**options, "workers": 1}
         memory_runs: list[Timings] = []
         http_runs: list[Timings] = []
         for run in range(options["runs"]):
-            memory_runs.append(
-                self.cycle_run(
-                    "MachineMemory", memory, self.ids(f"{prefix}r{run}", 1, machines), single
-                )
+            progress = Progress(
+                "MachineMemory", cycles, sys.stderr.isatty() and not options["json"]
             )
+            try:
+                memory_runs.append(
+                    memory_cycles(
+                        memory, self.ids(f"{prefix}r{run}", 1, machines), cycles, progress
+                    )
+                )
+            finally:
+                progress.close()
             ids = self.ids(f"{prefix}h{run}", clients, machines)
             per_client = [ids[c * machines : (c + 1) * machines] for c in range(clients)]
             timings = run_http_clients(options["http"], headers, per_client, cycles // clients)
@@ -282,40 +303,58 @@ class Command(BaseCommand):
 
     def cycle_run(
         self,
-        label: str,
         memory: MachineMemory,
         ids: list[str],
         options: dict[str, Any],
-        tables: Tables | None = None,
+        kind: str,
+        tables: Tables | None,
     ) -> Timings:
-        """One run of cycles through the memory, or on the bare driver into ``tables``."""
+        """One run of ``kind`` cycles ("memory": the four calls, "session": ``session()``,
+        "raw": the bare driver into ``tables``) from --workers processes."""
         workers, cycles = options["workers"], options["cycles"]
-        if workers > 1:
-            per_worker = len(ids) // workers
-            return run_in_processes(
-                [
-                    {
-                        "kind": "memory" if tables is None else "raw",
-                        "database": memory.using,
-                        "lock_backend": options["lock_backend"],
-                        "ids": ids[w * per_worker : (w + 1) * per_worker],
-                        "cycles": cycles // workers,
-                        "tables": None if tables is None else dataclasses.asdict(tables),
-                    }
-                    for w in range(workers)
-                ]
-            )
+        per_worker = len(ids) // workers
+        return run_in_processes(
+            [
+                {
+                    "kind": kind,
+                    "database": memory.using,
+                    "lock_backend": options["lock_backend"],
+                    "ids": ids[w * per_worker : (w + 1) * per_worker],
+                    "cycles": cycles // workers,
+                    "tables": None if tables is None else dataclasses.asdict(tables),
+                }
+                for w in range(workers)
+            ]
+        )
+
+    def turns(
+        self,
+        memory: MachineMemory,
+        kinds: dict[str, list[str]],
+        options: dict[str, Any],
+        tables: Tables | None,
+        run: int,
+    ) -> dict[str, Timings]:
+        """One run of every kind of cycle in this process, taking turns (``interleaved``)."""
+        cycles = options["cycles"]
+        memory_ids, session_ids = kinds["memory"], kinds["session"]
+        runners: dict[str, Callable[[int, int], Timings]] = {
+            "memory": lambda start, count: memory_cycles(memory, memory_ids, count, start=start),
+            "session": lambda start, count: session_cycles(memory, session_ids, count, start=start),
+        }
+        cycle = None
+        if tables is not None:
+            cycle = raw_cycle(connections[memory.using], tables)
+            raw, raw_ids = cycle, kinds["raw"]
+            runners["raw"] = lambda start, count: raw_cycles(raw, raw_ids, count, start=start)
+        label = f"run {run + 1}/{options['runs']}"
         progress = Progress(label, cycles, sys.stderr.isatty() and not options["json"])
         try:
-            if tables is not None:
-                cycle = raw_cycle(connections[memory.using], tables)
-                try:
-                    return raw_cycles(cycle, ids, cycles, progress)
-                finally:
-                    cycle.close()
-            return memory_cycles(memory, ids, cycles, progress)
+            return interleaved(runners, cycles, progress)
         finally:
             progress.close()
+            if cycle is not None:
+                cycle.close()
 
     def contention(
         self, memory: MachineMemory, prefix: str, options: dict[str, Any], machines: int
@@ -396,12 +435,17 @@ class Command(BaseCommand):
             return
         self.stdout.write("\n" + _header(16, "cycles/s"))
         rows: list[tuple[str, dict[str, Any]]] = [("MachineMemory", result["memory"])]
+        if "session" in result:
+            rows.append(("session()", result["session"]))
         if "raw" in result:
             rows.append((f"raw {result['vendor']}", result["raw"]))
         for label, data in rows:
             self.stdout.write(_row(label, 16, data))
+        if "session" in result:
+            self.stdout.write("(session(): lock = lock + read, write = write + release)")
         if "ratio" in result:
             self.stdout.write(f"\nratio MachineMemory / raw: {result['ratio']:.2f}")
+            self.stdout.write(f"ratio session() / raw: {result['session_ratio']:.2f}")
         if result["contention"]:
             data = result["memory"]
             self.stdout.write(
