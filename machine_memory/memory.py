@@ -975,7 +975,7 @@ class MachineMemory:
         if not self._one_trip():
             if not self._lock_once(machine_id, ttl):
                 return None
-            return self._read_holding(machine_id)
+            return self.read_holding(machine_id)
         try:
             try:
                 taken = self.store.acquire_and_load(machine_id, self.owner, ttl)
@@ -985,7 +985,7 @@ class MachineMemory:
                 if token is None:
                     return None
                 self._held[machine_id] = token
-                return self._read_holding(machine_id)
+                return self.read_holding(machine_id)
         except self.store.errors as exc:
             self._release_after_failed_acquire(machine_id)
             raise LockError(f"Locking machine {machine_id!r} failed: {exc}") from exc
@@ -999,15 +999,25 @@ class MachineMemory:
         self._versions.remember(machine_id, data, row.version, row.meta)
         return Locked(machine_id, taken.token, data, row.version, row.meta, taken.lock_info)
 
-    def _read_holding(self, machine_id: str) -> Locked:
-        """Read the state under the lock just taken; a failed read releases the lock."""
+    def read_holding(self, machine_id: str) -> Locked:
+        """The state read under the lock this instance holds on ``machine_id`` (taken by
+        ``lock()`` or carried on with ``adopt()``), as ``lock_and_read`` returns it.
+
+        A failed read raises ``ReadError`` and releases the lock: whoever asked gets no
+        state to act on, and nobody would release it otherwise before its TTL.
+        """
+        machine_id = validate_id(machine_id)
+        token = self._held.get(machine_id)
+        if token is None:
+            raise MachineMemoryError(
+                f"This instance holds no lock on {machine_id!r}: take it with lock() or "
+                "lock_and_read() (or adopt() a token) first."
+            )
         try:
             data = self.read(machine_id)
         except ReadError:
-            # Nobody gets a token to release it with: do it now, not after a whole TTL.
             self.unlock(machine_id)
             raise
-        token = self._held[machine_id]
 
         def lock_info() -> LockInfo | None:
             return self.lock_info(machine_id)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import pytest
+from django.db import connections
 from django.test import override_settings
 
 from machine_memory import MachineMemory
 from machine_memory.contrib.rest_framework.views import owner_for
 from machine_memory.exceptions import LockLost, WriteConflict
-from machine_memory.locks.database import DatabaseLockBackend
+from machine_memory.sql import dialect_for
 from machine_memory.validation import MAX_STATE_DEPTH
 from tests import test_api
 from tests.support import new_id
@@ -38,6 +40,8 @@ from tests.test_api import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rest_framework.response import _MonkeyPatchedResponse as TestResponse
 
 pytestmark = pytest.mark.urls("tests.test_api")
@@ -123,49 +127,61 @@ def test_query_ids_need_the_same_permissions(api: Api, mid: str) -> None:
 # -- a refused lock over HTTP -------------------------------------------------------------
 
 
-class CountingLocks(DatabaseLockBackend):
-    """The database lock backend, counting acquire attempts (across instances)."""
+@pytest.fixture
+def attempts(alias: str, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Lock attempts that reached the database, counted per statement of the vendor module:
+    ``acquire`` (lock alone) or ``acquire_and_read`` (lock + read in one round trip)."""
+    dialect = dialect_for(connections[alias])
+    counted: Counter[str] = Counter()
 
-    attempts = 0
+    def counted_as(name: str) -> Callable[..., Any]:
+        original = getattr(dialect, name)
 
-    def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
-        type(self).attempts += 1
-        return super().acquire(machine_id, owner, ttl)
+        def counting(*args: Any) -> Any:
+            counted[name] += 1
+            return original(*args)
+
+        return counting
+
+    for name in ("acquire", "acquire_and_read"):
+        monkeypatch.setattr(dialect, name, counted_as(name))
+    return counted
 
 
-COUNTING = f"{__name__}.CountingLocks"
-
-
-def test_a_refused_lock_is_answered_at_once(api: Api, alias: str, mid: str) -> None:
+def test_a_refused_lock_is_answered_at_once(
+    api: Api, alias: str, mid: str, attempts: Counter[str]
+) -> None:
     # Workers' LOCK_RETRIES stay for workers: over HTTP one attempt, then 409. With these
     # settings the old server-side retries would have slept 0.5 + 1 + 2 seconds.
-    slow_retries = api_settings(alias, LOCK_BACKEND=COUNTING, LOCK_RETRIES=3, LOCK_BACKOFF=0.5)
-    with override_settings(MACHINE_MEMORY=slow_retries):
+    with override_settings(MACHINE_MEMORY=api_settings(alias, LOCK_RETRIES=3, LOCK_BACKOFF=0.5)):
         held = api.acquire(mid, ttl=30)
-        CountingLocks.attempts = 0
+        attempts.clear()
         refused: list[dict[str, Any]] = [{}, {"wait": 0}, {"read": True}]
         for options in refused:
             assert_error(acquire(api, mid, **options), 409, "lock_held")
-        assert CountingLocks.attempts == 3
+        # One statement each: the lock and the read together (issue 11).
+        assert attempts == {"acquire_and_read": 3}
         # The holder still holds it.
         assert body(api.lock_get(mid))["token"] == held["token"]
 
 
-def test_a_bounded_wait_takes_a_lock_freed_meanwhile(api: Api, alias: str, mid: str) -> None:
-    with override_settings(MACHINE_MEMORY=api_settings(alias, LOCK_BACKEND=COUNTING)):
+def test_a_bounded_wait_takes_a_lock_freed_meanwhile(
+    api: Api, alias: str, mid: str, attempts: Counter[str]
+) -> None:
+    with override_settings(MACHINE_MEMORY=api_settings(alias)):
         held = api.acquire(mid, ttl=0.6)
-        CountingLocks.attempts = 0
+        attempts.clear()
         waited = acquire(api, mid, wait=1.0)
         assert waited.status_code == 201, waited.content
         granted = body(waited)
         # Taken once the holder's lock had expired, by the database's clock.
         assert granted["acquired_at"] >= held["expires_at"]
         assert granted["token"] > held["token"]
-        assert CountingLocks.attempts > 1
+        assert attempts["acquire_and_read"] > 1
         # A wait that ends before the holder lets go is a 409, after trying again.
-        CountingLocks.attempts = 0
+        attempts.clear()
         assert_error(acquire(api, mid, wait=0.3), 409, "lock_held")
-        assert CountingLocks.attempts >= 2
+        assert attempts["acquire_and_read"] >= 2
 
 
 @pytest.mark.parametrize(

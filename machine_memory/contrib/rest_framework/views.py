@@ -54,7 +54,7 @@ from machine_memory.contrib.rest_framework.serializers import (
     StateWriteSerializer,
     StateWrittenSerializer,
 )
-from machine_memory.exceptions import LockError, LockLost, ReadError, WriteConflict
+from machine_memory.exceptions import LockError, LockLost, WriteConflict
 from machine_memory.memory import LOCK_JITTER, MachineMemory
 from machine_memory.models import MachineLock, MachineState
 from machine_memory.retry import pauses
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from rest_framework.request import Request
 
     from machine_memory.locks.base import LockInfo
+    from machine_memory.memory import Locked
 
 # A lock token is "<fencing token>.<secret>"; fencing tokens are positive BIGINTs.
 LOCK_TOKEN = re.compile(r"([1-9][0-9]{0,18})\.([A-Za-z0-9_-]{16,128})\Z")
@@ -527,20 +528,20 @@ class LockDetailView(OneMachineAPIView):
         memory = MachineMemory(owner=owner_for(secret), lock_retries=0)
         body: dict[str, Any] = {"id": machine_id}
         try:
-            if not _acquire(memory, machine_id, ttl, wait, secret_given=given is not None):
+            locked = _acquire(memory, machine_id, ttl, wait, secret_given=given is not None)
+            if locked is None:
                 raise ApiError(
                     409, "lock_held", f"Machine {machine_id!r} is locked by another owner."
                 )
-            token = memory.held_token(machine_id)
-            assert token is not None
             if read:
-                body["state"] = _read_holding(memory, machine_id)
+                body["state"] = _state_body(locked)
             try:
-                info = memory.lock_info(machine_id)
+                info = locked.lock_info()
             except LockError:
                 info = None  # the lock is ours all the same: hand out its token
         finally:
             memory.close()
+        token = locked.token
         times = _fields(info) if info is not None and info.token == token else {}
         body |= {
             "lock_token": f"{token}.{secret}",
@@ -600,8 +601,9 @@ class LockDetailView(OneMachineAPIView):
 
 def _acquire(
     memory: MachineMemory, machine_id: str, ttl: float | None, wait: float, *, secret_given: bool
-) -> bool:
-    """Try to take the lock until ``wait`` seconds have passed (0: one attempt).
+) -> Locked | None:
+    """Take the lock and read the state (one round trip with database locks) until
+    ``wait`` seconds have passed (0: one attempt). None: refused.
 
     With the client's own secret, a refusal may be the client's own lock, taken by the
     same request whose answer was lost: one look after the first refusal tells.
@@ -611,43 +613,37 @@ def _acquire(
     # Pauses doubling from LOCK_WAIT_BACKOFF, the last one cut short so that the final
     # attempt comes at the deadline. A generous count: the deadline ends the waiting.
     for pause in pauses(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER):
-        if memory.lock(machine_id, ttl):
-            return True
+        locked = memory.lock_and_read(machine_id, ttl)
+        if locked is not None:
+            return locked
         if look:
-            if _taken_before(memory, machine_id):
-                return True
+            locked = _taken_before(memory, machine_id)
+            if locked is not None:
+                return locked
             look = False
         left = deadline - time.monotonic()
         if pause is None or left <= 0:
-            return False
+            return None
         time.sleep(min(pause, left))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _taken_before(memory: MachineMemory, machine_id: str) -> bool:
-    """Whether the live lock is this secret's already: the same request, sent again after
-    its answer was lost. It is adopted and answered as if just taken."""
+def _taken_before(memory: MachineMemory, machine_id: str) -> Locked | None:
+    """The live lock if it is this secret's already: the same request, sent again after
+    its answer was lost. It is adopted, and the state read again under it."""
     info = memory.lock_info(machine_id)
     if info is None or info.owner != memory.owner:
-        return False
-    memory.adopt(machine_id, info.token)
-    return True
-
-
-def _read_holding(memory: MachineMemory, machine_id: str) -> dict[str, Any] | None:
-    """The state read under the lock just taken, for the acquire response."""
-    try:
-        data = memory.read(machine_id)
-    except ReadError:
-        # The client gets a 503 and no token, so nobody could release the lock: do it
-        # now rather than leave the id blocked for a whole TTL.
-        memory.unlock(machine_id)
-        raise
-    if data is None:
         return None
-    version = memory.version_of(machine_id, data)
-    assert version is not None
-    return {"data": data, "version": version, "etag": etag(version)}
+    memory.adopt(machine_id, info.token)
+    return memory.read_holding(machine_id)
+
+
+def _state_body(locked: Locked) -> dict[str, Any] | None:
+    """The state read under the lock just taken, for the acquire response."""
+    if locked.state is None:
+        return None
+    assert locked.version is not None
+    return {"data": locked.state, "version": locked.version, "etag": etag(locked.version)}
 
 
 def _fields(info: LockInfo) -> dict[str, Any]:
