@@ -20,8 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "example_project"
 
 
-def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+def run_demo(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(env or {})}
     # pytest-django exported tests.settings; the demo must pick its own settings, on SQLite.
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env.pop("DATABASE_URL", None)
@@ -47,6 +49,24 @@ def test_demo_loses_no_update(tmp_path: Path, mode: list[str]) -> None:
     assert "9/9 events processed" in result.stdout, output
     assert " 0 lost updates," in result.stdout.splitlines()[-1], output
     assert (tmp_path / "demo.sqlite3").exists()
+
+
+@pytest.mark.slow
+def test_demo_through_a_celery_worker_loses_no_update(tmp_path: Path) -> None:
+    import redis
+
+    broker = "redis://127.0.0.1:6379/10"
+    redis.Redis.from_url(broker).flushdb()
+    result = run_demo(
+        tmp_path,
+        *("--celery", "--machines", "3", "--events", "4", "--workers", "3"),
+        env={"DEMO_CELERY_BROKER_URL": broker},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "a Celery worker, session() per event" in result.stdout, output
+    assert re.search(r"^\s*lost updates \(verified\)\s+0$", result.stdout, re.MULTILINE), output
+    assert "12/12 events processed" in result.stdout, output
 
 
 def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -108,6 +108,13 @@ class Command(BaseCommand):
             help="Milliseconds each event's handler works between read and write. Default 10.",
         )
         parser.add_argument(
+            "--celery",
+            action="store_true",
+            help="Run the workflow through a Celery worker (machine_memory.contrib.celery) with "
+            "--workers processes and Redis as the broker (DEMO_CELERY_BROKER_URL), instead of "
+            "the demo's own worker processes. Needs the [celery] extra.",
+        )
+        parser.add_argument(
             "--no-lock",
             action="store_false",
             dest="use_lock",
@@ -126,12 +133,16 @@ class Command(BaseCommand):
         memory = MachineMemory()  # the command's own, to read every machine back at the end
         migrate_if_needed(memory.using)
 
+        if options["celery"] and not options["use_lock"]:
+            raise CommandError("--celery runs every event under its lock: drop --no-lock.")
         machines, per_machine = options["machines"], options["events"]
         run = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
         parent = f"demo/{run}"
         events = deliveries(parent, machines, per_machine)
         if verbosity >= 1:
             guard = "locks + compare-and-set" if options["use_lock"] else "compare-and-set only"
+            if options["celery"]:
+                guard = "a Celery worker, session() per event"
             self.stdout.write(
                 f"Run {parent}: {len(events)} events on {machines} machines, "
                 f"{options['workers']} worker processes, {guard}, "
@@ -145,7 +156,12 @@ class Command(BaseCommand):
             log_level=log_level,
             work_seconds=options["work_ms"] / 1000,
         )
-        totals, elapsed = run_workers(events, options["workers"], worker_options)
+        if options["celery"]:
+            from workflows.celery_run import run_celery_worker
+
+            totals, elapsed = run_celery_worker(events, options["workers"], worker_options)
+        else:
+            totals, elapsed = run_workers(events, options["workers"], worker_options)
 
         delivered = Counter(event.machine_id for event in events)
         problems = check_machines(memory, delivered, totals)
