@@ -108,6 +108,22 @@ def test_text_output_has_both_rows_and_the_ratio(alias: str) -> None:
 
 
 @pytest.mark.usefixtures("left_behind")
+def test_gap_probe(alias: str) -> None:
+    result = bench_json(alias, *SMALL, "--gap-probe")
+    probe = result["gap_probe_us"]
+    assert set(probe) == {"0", "20", "100"}
+    assert all(value > 0 for value in probe.values())
+    out, _ = bench(alias, *SMALL, "--gap-probe")
+    assert re.search(r"^raw lock p50 by client work before it: [\d.]+ µs after 0 µs, ", out, re.M)
+
+
+@pytest.mark.parametrize("other", [["--no-raw"], ["--contention"], ["--http", "http://x/"]])
+def test_gap_probe_needs_the_raw_cycle(alias: str, other: list[str]) -> None:
+    with pytest.raises(CommandError, match="--gap-probe"):
+        bench(alias, *SMALL, "--gap-probe", *other)
+
+
+@pytest.mark.usefixtures("left_behind")
 def test_json_output(alias: str) -> None:
     result = bench_json(alias, *SMALL)
     assert result["database"] == alias

@@ -196,6 +196,37 @@ def raw_cycles(
     return timings
 
 
+# Microseconds of client-side work before each probed statement (``gap_probe``).
+GAPS_US = (0, 20, 100)
+
+
+def gap_probe(raw: RawCycle, ids: list[str], cycles: int) -> dict[str, float]:
+    """p50 µs of the baseline's lock statement after 0, 20 and 100 µs of client work.
+
+    On some machines (virtual ones especially) a statement sent while the server has just
+    answered costs far less than the same statement sent a few microseconds later: the
+    idle CPUs have gone to sleep. The raw loop sends its next statement almost at once;
+    any library that does work between statements pays the difference. This measures it.
+    """
+    owner = f"raw:{os.getpid()}"
+    clock = time.perf_counter_ns
+    result = {}
+    for gap in GAPS_US:
+        samples = []
+        for number in range(cycles):
+            machine_id = ids[number % len(ids)]
+            until = clock() + gap * 1000
+            while clock() < until:  # busy, like Python work, not a sleep
+                pass
+            t0 = clock()
+            raw.lock(machine_id, owner, 120.0)
+            samples.append(clock() - t0)
+            raw.unlock(machine_id, owner)
+        samples.sort()
+        result[str(gap)] = round(samples[len(samples) // 2] / 1000, 1)
+    return result
+
+
 # Cycles per turn when the kinds of cycle take turns (``interleaved``).
 TURN = 250
 

@@ -17,6 +17,7 @@ from machine_memory.bench import (
     BenchError,
     Timings,
     contended_cycles,
+    gap_probe,
     interleaved,
     memory_cycles,
     new_prefix,
@@ -124,11 +125,23 @@ class Command(BaseCommand):
             default=None,
             help="With --http: a DRF token of a user the API admits (Authorization: Token).",
         )
+        parser.add_argument(
+            "--gap-probe",
+            action="store_true",
+            help="Also time the raw lock statement after 0, 20 and 100 µs of client-side work "
+            "(how much this machine charges a statement that does not follow at once).",
+        )
         parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["token"] is not None and options["http"] is None:
             raise CommandError("--token is for the API: give --http URL too.")
+        if options["gap_probe"] and (
+            options["no_raw"] or options["contention"] or options["http"] is not None
+        ):
+            raise CommandError(
+                "--gap-probe times the bare-driver statements: no --no-raw, --contention or --http."
+            )
         with logging_for(options["verbosity"], self.stderr):
             self.bench(options)
 
@@ -221,6 +234,14 @@ class Command(BaseCommand):
                 session_runs.append(timings["session"])
                 if "raw" in timings:
                     raw_runs.append(timings["raw"])
+            if tables is not None and options["gap_probe"]:
+                probe = raw_cycle(connection, tables)
+                try:
+                    result["gap_probe_us"] = gap_probe(
+                        probe, self.ids(f"{prefix}gap", 1, machines), min(cycles, 2000)
+                    )
+                finally:
+                    probe.close()
         finally:
             if tables is not None:
                 drop_tables(connection, tables)
@@ -446,6 +467,11 @@ class Command(BaseCommand):
         if "ratio" in result:
             self.stdout.write(f"\nratio MachineMemory / raw: {result['ratio']:.2f}")
             self.stdout.write(f"ratio session() / raw: {result['session_ratio']:.2f}")
+        if "gap_probe_us" in result:
+            probe = ", ".join(
+                f"{us} µs after {gap} µs" for gap, us in result["gap_probe_us"].items()
+            )
+            self.stdout.write(f"raw lock p50 by client work before it: {probe}")
         if result["contention"]:
             data = result["memory"]
             self.stdout.write(
