@@ -113,6 +113,9 @@ def test_gap_probe(alias: str) -> None:
     probe = result["gap_probe_us"]
     assert set(probe) == {"0", "20", "100"}
     assert all(value > 0 for value in probe.values())
+
+
+def test_gap_probe_text(alias: str) -> None:
     out, _ = bench(alias, *SMALL, "--gap-probe")
     assert re.search(r"^raw lock p50 by client work before it: [\d.]+ µs after 0 µs, ", out, re.M)
 
