@@ -22,7 +22,20 @@ from machine_memory.exceptions import (
     WriteError,
 )
 from machine_memory.models import MachineLock, MachineState
-from tests.workers import in_thread, run_threads
+from tests.test_fault_injection import (
+    IDLE,
+    assert_nothing_stored,
+    assert_stays,
+    attempt,
+    backend_id,
+    read_real,
+    row_locked,
+    server_says,
+    session_alive,
+    wait_for_the_row_lock_wait,
+    wait_until,
+)
+from tests.workers import ThreadRun, in_thread, run_threads
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -246,3 +259,73 @@ def test_write_and_release_whose_commit_reply_was_lost_returns_normally(
     assert other.read(mid) == {"n": 1}
     assert other.lock(mid)  # the write and the release landed together
     assert other.unlock(mid)
+
+
+# -- a write + release caught by a fault at its worst moment ----------------------------------
+
+
+@pytest.mark.parametrize("create", [False, True], ids=["update", "create"])
+def test_write_and_release_cut_while_waiting_for_a_row_lock_never_lands(
+    proxied: ProxiedDatabase, mid: str, create: bool
+) -> None:
+    """The statement waits for a row lock when its connection is cut, the server keeping
+    the session: unless that session is ended first, it would run once the row is free.
+    Reported as not stored (a create too: the lock still held with the session's token
+    shows that the write, which commits with the release, did not), and it stays so."""
+    memory = MachineMemory(using=proxied.alias)
+    before = None if create else {"n": 0}
+    if before is not None:
+        memory.write(mid, before, None)
+    sessions: list[int] = []
+    with memory.session(mid) as s:
+        # Only the writer's connection goes through the proxy from here on.
+        connections[proxied.alias].close()
+        wait_until(lambda: proxied.proxy.open_links == 0, "the set-up connection to close")
+
+        def on_the_wire() -> BaseException | None:
+            sessions.append(backend_id(proxied.alias))
+            return attempt(lambda: s.write({"n": 1}))
+
+        with row_locked(proxied.real, mid, "create" if create else "update"):
+            sent = proxied.proxy.watch(WRITE_AND_RELEASE[proxied.real])
+            run = ThreadRun(on_the_wire)
+            assert sent.wait(10)
+            wait_for_the_row_lock_wait(proxied.real, sessions, run)
+            assert proxied.proxy.cut(keep_upstream=True) == 1
+            outcome = run.result(timeout=20)
+            assert_nothing_stored(outcome)
+            assert not session_alive(proxied.real, sessions[0])
+        assert_stays(proxied.real, mid, before)
+        assert not s.written
+        info = MachineMemory(using=proxied.real).lock_info(mid)
+        assert info is not None and info.token == s.token  # still ours
+    assert MachineMemory(using=proxied.real).lock_info(mid) is None  # released on leaving
+
+
+@pytest.mark.parametrize("create", [False, True], ids=["update", "create"])
+def test_write_and_release_whose_reply_stalls_is_settled_as_stored(
+    proxied: ProxiedDatabase, mid: str, create: bool
+) -> None:
+    """The server committed the write and the release; the reply hangs until the network
+    gives up. Settled on a fresh connection as stored, with nothing left to release."""
+    memory = MachineMemory(using=proxied.alias)
+    if not create:
+        memory.write(mid, {"n": 0}, None)
+    with memory.session(mid) as s:
+        session = backend_id(proxied.alias)
+        held = proxied.proxy.hold_reply(WRITE_AND_RELEASE[proxied.real])
+
+        def network_gives_up() -> None:
+            assert held.wait(10)
+            if proxied.real == "postgres":
+                # libpq has no read timeout: the stall lasts until the network gives up.
+                wait_until(lambda: server_says("postgres", IDLE["postgres"], session), "commit")
+                assert proxied.proxy.cut(keep_upstream=True) == 1
+            # MariaDB: the alias's read_timeout turns the stall into an error by itself.
+
+        helper = ThreadRun(network_gives_up)
+        s.write({"n": 1})
+        helper.result(timeout=20)
+        assert s.written
+    assert read_real(proxied.real, mid) == {"n": 1}
+    assert MachineMemory(using=proxied.real).lock_info(mid) is None
