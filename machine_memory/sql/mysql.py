@@ -137,28 +137,31 @@ class MySQLDialect(Dialect):
         self._require_sequences(cursor)
         ttl_param = self.ttl_param(ttl)
         # One batch of autocommitted statements (mysqlclient enables multi-statements): the
-        # same insert-or-take-over as acquire(), each new token noted by LAST_INSERT_ID(),
-        # then the state read in a statement of its own, so it sees everything committed
-        # before the lock was taken. The lock is ours if the row carries the noted token:
-        # an ignored insert or a takeover that matched nothing leaves a token in no row.
+        # takeover and the first-use insert of acquire(), each new token noted by
+        # LAST_INSERT_ID(); the insert only runs if the takeover matched nothing. Then the
+        # state read in a statement of its own, so it sees everything committed before the
+        # lock was taken. The lock is ours if its row carries the noted token: an ignored
+        # insert leaves a token in no row, and 0 (set first) is never a token.
         sql = self.statement(
             "acquire_and_read",
             lambda: (
                 "DO LAST_INSERT_ID(0);"
-                f" INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
-                f" expires_at) VALUES (%s, %s, LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
-                f" UTC_TIMESTAMP(6), {self.expires_sql()});"
                 f" UPDATE {LOCK_TABLE} SET owner = %s,"
                 f" token = LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
                 f" acquired_at = UTC_TIMESTAMP(6), expires_at = {self.expires_sql()}"
                 " WHERE machine_id = %s AND expires_at <= UTC_TIMESTAMP(6);"
+                " SET @machine_memory_took = ROW_COUNT();"
+                f" INSERT IGNORE INTO {LOCK_TABLE} (machine_id, owner, token, acquired_at,"
+                f" expires_at) SELECT %s, %s, LAST_INSERT_ID(NEXTVAL({TOKEN_SEQUENCE})),"
+                f" UTC_TIMESTAMP(6), {self.expires_sql()} FROM DUAL"
+                " WHERE @machine_memory_took = 0;"
                 " SELECT l.token, l.acquired_at, l.expires_at, s.state, s.version,"
                 " s.execution_status, s.parent_id, s.initiator, s.source"
                 f" FROM {LOCK_TABLE} l LEFT JOIN {STATE_TABLE} s ON s.machine_id = l.machine_id"
                 " WHERE l.machine_id = %s AND l.token = LAST_INSERT_ID()"
             ),
         )
-        params = (machine_id, owner, ttl_param, owner, ttl_param, machine_id, machine_id)
+        params = (owner, ttl_param, machine_id, machine_id, owner, ttl_param, machine_id)
         row = _batch(cursor, sql, params)[-1]
         if row is None:
             return None
