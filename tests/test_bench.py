@@ -274,9 +274,12 @@ def test_unreachable_database(db_access: None) -> None:
     assert "migrate" not in str(caught.value)
 
 
-def test_unusable_lock_backend_is_a_command_error(db_access: None) -> None:
-    with pytest.raises(CommandError, match="lock backend"):
-        call_command("machine_memory_bench", "--lock-backend", "no.such.Backend", stdout=StringIO())
+@pytest.mark.parametrize(
+    "name", ["no.such.Backend", "nonsense", "machine_memory.models.MachineLock"]
+)
+def test_unusable_lock_backend_is_a_usage_error(db_access: None, name: str) -> None:
+    with pytest.raises(CommandError, match="choose database, redis, or the dotted path"):
+        call_command("machine_memory_bench", "--lock-backend", name, stdout=StringIO())
 
 
 @pytest.mark.parametrize(

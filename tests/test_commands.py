@@ -376,8 +376,9 @@ def test_purge_expired_locks_with_locks_outside_the_database(backend: str) -> No
     [
         (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["--batch-size", "many"], "--batch-size: 'many' is not a whole number"),
-        (["--older-than", "-1"], "--older-than: must be a finite number of seconds >= 0"),
-        (["--older-than", "nan"], "--older-than: must be a finite number of seconds >= 0"),
+        (["--older-than", "-1"], "--older-than: must be a number of seconds from 0 to 3153600000"),
+        (["--older-than", "nan"], "--older-than: must be a number of seconds from 0 to"),
+        (["--older-than", "1e30"], "--older-than: must be a number of seconds from 0 to"),
         (["--older-than", "soon"], "--older-than: 'soon' is not a number of seconds"),
         (["--database", "nope"], "--database: 'nope' is not in settings.DATABASES"),
     ],
@@ -499,7 +500,8 @@ def test_purge_machine_states_fails_with_a_command_error(alias: str) -> None:
     ("args", "message"),
     [
         (["--older-than", "a week"], "--older-than: 'a week' is not a number of seconds"),
-        (["--older-than", "inf"], "--older-than: must be a finite number of seconds >= 0"),
+        (["--older-than", "inf"], "--older-than: must be a number of seconds from 0 to"),
+        (["--older-than", "1e12"], "(100 years), got 1e12"),
         (["--status", "done", "--batch-size", "-5"], "--batch-size: must be at least 1"),
     ],
 )
@@ -695,7 +697,24 @@ def test_commands_run_from_the_command_line() -> None:
     failed = manage("machine_memory_inspect", "x" * 600)
     assert failed.returncode == 2 and "the limit is 512" in failed.stderr
     empty = manage("purge_machine_states")
-    assert empty.returncode == 1 and "CommandError: Say which states" in empty.stderr
+    assert empty.returncode == 2 and "CommandError: Say which states" in empty.stderr
+    old = manage("purge_expired_locks", "--older-than", "1e30")
+    assert old.returncode == 2 and "from 0 to 3153600000 (100 years), got 1e30" in old.stderr
+    backend = manage("machine_memory_bench", "--lock-backend", "nonsense")
+    assert backend.returncode == 2, backend.stderr
+    assert "choose database, redis, or the dotted path" in backend.stderr
+    for command in ("purge_expired_locks", "purge_machine_states", "machine_memory_bench"):
+        shown = manage(command, "--help")
+        assert shown.returncode == 0
+        # Every option with a value says what it is when left out.
+        options = shown.stdout.split("\noptions:\n", 1)[1]
+        valued = re.findall(r"^  (--[a-z-]+) [A-Z_]+", options, re.MULTILINE)
+        assert {"--database", "--batch-size", "--cycles"} & set(valued), shown.stdout
+        for option in valued:
+            if option in {"--settings", "--pythonpath", "--http", "--token"}:
+                continue  # Django's own, or needed only with another option
+            block = options.split(f"\n  {option} ", 1)[1].split("\n  -", 1)[0]
+            assert "Default" in block or "default" in block, (command, option, block)
 
 
 def test_example_project_demo_admin_creates_a_superuser(tmp_path: Path) -> None:

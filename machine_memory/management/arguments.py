@@ -41,15 +41,37 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# The oldest age an --older-than may name: now minus this must still be a timestamp every
+# database stores (PostgreSQL's ends before 294,277 AD and 4,713 BC; MariaDB's DATETIME at
+# year 1000), with room to spare.
+MAX_AGE = 100 * 365 * 86_400
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     # "nan" and "inf" parse as floats; neither is an age.
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    if not 0 <= value <= MAX_AGE:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {MAX_AGE} (100 years), got {text}"
+        )
     return value
+
+
+def lock_backend(text: str) -> str:
+    """A lock backend as MACHINE_MEMORY["LOCK_BACKEND"] names it, checked by importing it."""
+    from machine_memory.locks import ALIASES, backend_class
+
+    try:
+        backend_class(text)
+    except (ImportError, TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a lock backend ({exc}); choose {', '.join(ALIASES)}, or the "
+            "dotted path of a machine_memory.locks.base.LockBackend subclass"
+        ) from None
+    return text
 
 
 def machine_id(text: str) -> str:

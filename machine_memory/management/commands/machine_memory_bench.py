@@ -32,6 +32,7 @@ from machine_memory.exceptions import MachineMemoryError
 from machine_memory.management.arguments import (
     add_database_argument,
     http_url,
+    lock_backend,
     logging_for,
     non_negative_int,
     positive_int,
@@ -77,8 +78,16 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         add_database_argument(parser)
-        parser.add_argument("--lock-backend", default=None, help="Lock backend (MACHINE_MEMORY).")
-        parser.add_argument("--cycles", type=positive_int, default=5000, help="Cycles per run.")
+        parser.add_argument(
+            "--lock-backend",
+            type=lock_backend,
+            default=None,
+            help="database, redis, or the dotted path of a LockBackend subclass. "
+            "Default: MACHINE_MEMORY['LOCK_BACKEND'].",
+        )
+        parser.add_argument(
+            "--cycles", type=positive_int, default=5000, help="Cycles per run. Default 5000."
+        )
         parser.add_argument(
             "--machines",
             type=positive_int,
@@ -97,19 +106,21 @@ class Command(BaseCommand):
             action="store_true",
             help="All workers on the same few ids: throughput, denials, lost-update check.",
         )
-        parser.add_argument("--runs", type=positive_int, default=3, help="Runs; the median counts.")
+        parser.add_argument(
+            "--runs", type=positive_int, default=3, help="Runs; the median counts. Default 3."
+        )
         parser.add_argument("--no-raw", action="store_true", help="Skip the bare-driver runs.")
         parser.add_argument(
             "--fill-states",
             type=non_negative_int,
             default=0,
-            help="Filler state rows to add first.",
+            help="Filler state rows to add first. Default 0.",
         )
         parser.add_argument(
             "--fill-expired-locks",
             type=non_negative_int,
             default=0,
-            help="Filler expired lock rows to add first.",
+            help="Filler expired lock rows to add first. Default 0.",
         )
         parser.add_argument(
             "--http",

@@ -25,7 +25,8 @@ class Command(BaseCommand):
     help = (
         "Delete expired database locks in batches, one transaction per batch. Each DELETE "
         "re-checks the expiry by the database's clock, so a lock taken again meanwhile "
-        "survives; the row holding the highest fencing token is kept. Where the database "
+        "survives. On SQLite, where the next fencing token is the table's highest plus one, "
+        "the row holding the highest token is kept. Where the database "
         "has SKIP LOCKED (PostgreSQL, MariaDB), a lock row that another transaction holds "
         "locked is skipped instead of waited for, and not retried in this run: the next "
         "run purges it."
@@ -44,7 +45,7 @@ class Command(BaseCommand):
             type=seconds,
             default=0.0,
             metavar="SECONDS",
-            help="Only locks that expired at least this long ago. Default 0.",
+            help="Only locks that expired at least this long ago (0 to 100 years). Default 0.",
         )
         parser.add_argument(
             "--dry-run", action="store_true", help="Count what would be deleted; delete nothing."

@@ -35,14 +35,16 @@ class Command(BaseCommand):
             action="append",
             default=None,
             metavar="STATUS",
-            help="Execution status to purge (repeat for several), e.g. --status done.",
+            help="Execution status to purge (repeat for several), e.g. --status done. "
+            "Default: any status (then --older-than is required).",
         )
         parser.add_argument(
             "--older-than",
             type=seconds,
             default=None,
             metavar="SECONDS",
-            help="Only states not written for at least this long.",
+            help="Only states not written for at least this long (0 to 100 years). "
+            "Default: any age (then --status is required).",
         )
         parser.add_argument(
             "--batch-size",
@@ -61,9 +63,11 @@ class Command(BaseCommand):
         statuses: list[str] | None = options["status"]
         older_than: float | None = options["older_than"]
         if not statuses and older_than is None:
+            # A usage error, like argparse's own: exit status 2.
             raise CommandError(
                 "Say which states to purge: --status STATUS and/or --older-than SECONDS "
-                "(to purge every state, pass --older-than 0)."
+                "(to purge every state, pass --older-than 0).",
+                returncode=2,
             )
         which = []
         if statuses:
