@@ -199,8 +199,10 @@ def test_tokens_increase_across_unlock_and_expiry(
     tokens.append(second.held_token(mid))
     token_key = locks_of(first).token_key(mid)
     lock_key = locks_of(first).lock_key(mid)
-    assert client.ttl(token_key) == -1  # the counter never expires ...
-    assert 0 < client.pttl(lock_key) <= SHORT_TTL * 1000  # ... the lock does
+    # The lock expires with its TTL, the counter an hour (TOKEN_KEEP) after it.
+    assert 0 < client.pttl(lock_key) <= SHORT_TTL * 1000
+    keep = locks_of(second).token_keep * 1000
+    assert keep < client.pttl(token_key) <= SHORT_TTL * 1000 + keep
     time.sleep(SHORT_TTL + 0.1)
     assert client.get(lock_key) is None  # expired by Redis, never released
     assert first.lock(mid)
@@ -208,6 +210,29 @@ def test_tokens_increase_across_unlock_and_expiry(
     assert first.unlock(mid)
     numbers = [token for token in tokens if isinstance(token, int)]
     assert numbers == sorted(set(numbers)) and len(numbers) == 3
+
+
+def test_token_counters_expire_after_their_lock_and_tokens_still_increase(
+    alias: str, redis_settings: None, client: Redis
+) -> None:
+    """One counter per id ever locked would pile up for good: each expires TOKEN_KEEP after
+    its lock (moved on by extend), and the clock-seeded tokens go on increasing without it."""
+    memory, mid = redis_memory(alias), new_id()
+    locks = locks_of(memory)
+    locks.token_keep = 0.2
+    assert memory.lock(mid, ttl=SHORT_TTL)
+    first = memory.held_token(mid)
+    assert first is not None
+    assert 0 < client.pttl(locks.token_key(mid)) <= (SHORT_TTL + 0.2) * 1000
+    assert memory.extend(mid, ttl=2.0)
+    assert 2000 < client.pttl(locks.token_key(mid)) <= 2200  # moved on with the lock
+    assert memory.unlock(mid)
+    time.sleep(2.3)
+    assert client.exists(locks.token_key(mid)) == 0
+    assert memory.lock(mid)
+    second = memory.held_token(mid)
+    assert second is not None and second > first
+    assert memory.unlock(mid)
 
 
 def test_tokens_keep_increasing_when_redis_loses_the_counter(
@@ -243,10 +268,10 @@ def test_a_resent_acquire_returns_the_token_it_took(alias: str, redis_settings: 
     """A client set to retry may send the script again when the reply was lost."""
     locks, mid = RedisLocksOnTestCache(database=alias), new_id()
     keys = [locks.lock_key(mid), locks.token_key(mid)]
-    token = locks._acquire(keys=keys, args=[b"owner", 60_000, "00aa"])
+    token = locks._acquire(keys=keys, args=[b"owner", 60_000, "00aa", 1000])
     assert isinstance(token, int)
-    assert locks._acquire(keys=keys, args=[b"owner", 60_000, "00aa"]) == token
-    assert locks._acquire(keys=keys, args=[b"owner", 60_000, "00bb"]) is None
+    assert locks._acquire(keys=keys, args=[b"owner", 60_000, "00aa", 1000]) == token
+    assert locks._acquire(keys=keys, args=[b"owner", 60_000, "00bb", 1000]) is None
     assert locks.acquire(mid, "owner", 60) is None  # lock() stays non-reentrant
     assert locks.release(mid, "owner")
 

@@ -34,7 +34,13 @@ _ERRORS, _TRANSIENT_ERRORS = _redis_errors()
 
 NAMESPACE = b"machine_memory:"
 
-# KEYS: lock, counter. ARGV: owner, ttl (ms), nonce.
+# How long the token counter outlives its lock, in seconds. Tokens are seeded by Redis's
+# clock, so once the lock is over the counter only guards against that clock going back;
+# without an expiry one key per id ever locked would stay forever. A holder whose lock
+# expired longer ago than this, untaken, finds its token gone: its writes fail with LockLost.
+TOKEN_KEEP = 3600.0
+
+# KEYS: lock, counter. ARGV: owner, ttl (ms), nonce, counter's time beyond the lock (ms).
 # The nonce makes a resent call harmless: if a client configured to retry sends the script
 # again after its first reply was lost, the lock it already took is reported as taken by
 # this call rather than as held by someone else (which would block the id for a whole TTL).
@@ -43,9 +49,10 @@ local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local token = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now_us)
 local expires_us = now_us + tonumber(ARGV[2]) * 1000
+local counter_ms = tonumber(ARGV[2]) + tonumber(ARGV[4])
 local value = string.format('%d:%d:%d:', token, now_us, expires_us) .. ARGV[3] .. ':' .. ARGV[1]
 if redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2]) then
-    redis.call('SET', KEYS[2], string.format('%d', token))
+    redis.call('SET', KEYS[2], string.format('%d', token), 'PX', counter_ms)
     return token
 end
 local held = redis.call('GET', KEYS[1])
@@ -69,8 +76,9 @@ end
 return 0
 """
 
-# KEYS: lock. ARGV: owner, token, ttl (ms). The value is rewritten with the new expiry, so
-# that lock_info() reads both times with one GET.
+# KEYS: lock, counter. ARGV: owner, token, ttl (ms), counter's time beyond the lock (ms).
+# The value is rewritten with the new expiry, so that lock_info() reads both times with one
+# GET; the counter's expiry moves with it.
 EXTEND = """
 local held = redis.call('GET', KEYS[1])
 if not held then
@@ -84,6 +92,7 @@ local now = redis.call('TIME')
 local expires_us = tonumber(now[1]) * 1000000 + tonumber(now[2]) + tonumber(ARGV[3]) * 1000
 local value = token .. ':' .. acquired .. ':' .. string.format('%d', expires_us) .. ':'
 redis.call('SET', KEYS[1], value .. nonce .. ':' .. owner, 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]))
 return 1
 """
 
@@ -131,6 +140,7 @@ class RedisLockBackend(LockBackend):
         self.cache = conf.REDIS_CACHE if cache is None else cache
         self.client = self._connect(self.cache)
         self.prefix = self._key_prefix(self.cache) + NAMESPACE
+        self.token_keep = TOKEN_KEEP
         # register_script only computes the SHA; nothing is sent until the first call.
         self._acquire = self.client.register_script(ACQUIRE)
         self._release = self.client.register_script(RELEASE)
@@ -185,7 +195,7 @@ class RedisLockBackend(LockBackend):
     def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
         token = self._acquire(
             keys=[self.lock_key(machine_id), self.token_key(machine_id)],
-            args=[self._owner(owner), _ms(ttl), secrets.token_hex(8)],
+            args=[self._owner(owner), _ms(ttl), secrets.token_hex(8), _ms(self.token_keep)],
         )
         return None if token is None else int(token)
 
@@ -195,7 +205,8 @@ class RedisLockBackend(LockBackend):
     def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
         return bool(
             self._extend(
-                keys=[self.lock_key(machine_id)], args=[self._owner(owner), token, _ms(ttl)]
+                keys=[self.lock_key(machine_id), self.token_key(machine_id)],
+                args=[self._owner(owner), token, _ms(ttl), _ms(self.token_keep)],
             )
         )
 
