@@ -4,12 +4,17 @@ The memory's few fixed statements run on the DB-API cursor rather than Django's 
 wrapper, which costs more per statement than a small statement takes on SQLite
 (docs/design.md#the-drivers-cursor). Everything else stays Django's: settings,
 transactions, reconnects, and the ``django.db`` exception classes, because callers run
-statements inside ``connection.wrap_database_errors``.
+statements inside ``connection.wrap_database_errors``. Whenever Django would show a
+statement to someone (``DEBUG`` query logging, ``connection.execute_wrapper()``), the
+cursor is wrapped so that ours are shown too (``ObservedCursor``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
 
 from machine_memory.conf import conf
 from machine_memory.sql import dialect_for
@@ -18,6 +23,10 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from machine_memory.sql.base import Cursor
+
+# Django's logger of SQL statements (under DEBUG), which the debug toolbar and log
+# configurations already listen to.
+sql_logger = logging.getLogger("django.db.backends")
 
 # Where the reusable cursor is kept on Django's connection object: the driver connection
 # it belongs to (a reconnect makes a new one), the cursor, and the server's id of that
@@ -57,11 +66,70 @@ def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
         connection.validate_no_broken_transaction()
     cached = getattr(connection, _ATTRIBUTE, None)
     if cached is not None and cached[0] is raw:
-        return cached[1]
-    dialect = dialect_for(connection)
-    cursor = dialect.new_cursor(connection, prepare=prepared_statements(connection))
-    setattr(connection, _ATTRIBUTE, (raw, cursor, dialect.session_id(raw)))
+        cursor = cached[1]
+    else:
+        dialect = dialect_for(connection)
+        cursor = dialect.new_cursor(connection, prepare=prepared_statements(connection))
+        setattr(connection, _ATTRIBUTE, (raw, cursor, dialect.session_id(raw)))
+    if connection.execute_wrappers or connection.queries_logged:
+        return ObservedCursor(connection, cursor)
     return cursor
+
+
+def sibling_cursor(cursor: Cursor) -> Cursor:
+    """A second cursor like ``cursor``, on the same driver connection (observed alike)."""
+    if isinstance(cursor, ObservedCursor):
+        return ObservedCursor(cursor.db, sibling_cursor(cursor.raw))
+    return type(cursor)(cursor.connection)
+
+
+class ObservedCursor:
+    """A driver cursor whose statements Django's tools see, as through Django's own cursor.
+
+    ``execute`` goes through the connection's execute wrappers (APM database spans,
+    ``connection.execute_wrapper()``) and, when Django logs queries (``DEBUG``, or
+    ``force_debug_cursor`` as in ``CaptureQueriesContext``), into ``connection.queries``
+    and the ``django.db.backends`` logger. Everything else is the driver cursor's.
+    The statements are the driver's own SQL (``?`` placeholders on SQLite, ``%s`` elsewhere).
+    """
+
+    def __init__(self, db: BaseDatabaseWrapper, raw: Cursor) -> None:
+        self.db = db
+        self.raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        executor = self._run
+        for wrapper in reversed(self.db.execute_wrappers):
+            executor = functools.partial(wrapper, executor)
+        context = {"connection": self.db, "cursor": self}
+        if not self.db.queries_logged:
+            return executor(sql, params, False, context)
+        start = time.monotonic()
+        try:
+            return executor(sql, params, False, context)
+        finally:
+            duration = time.monotonic() - start
+            self.db.queries_log.append({"sql": _shown(sql, params), "time": f"{duration:.3f}"})
+            sql_logger.debug(
+                "(%.3f) %s; args=%s; alias=%s",
+                duration,
+                sql,
+                params,
+                self.db.alias,
+                extra={"duration": duration, "sql": sql, "params": params, "alias": self.db.alias},
+            )
+
+    def _run(self, sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
+        # sqlite3 refuses None for "no parameters".
+        return self.raw.execute(sql) if params is None else self.raw.execute(sql, params)
+
+
+def _shown(sql: str, params: Any) -> str:
+    # Django's last_executed_query() expects its own %s spelling; ours is the driver's.
+    return sql if not params else f"{sql} -- params {tuple(params)!r}"
 
 
 def noted_session(connection: BaseDatabaseWrapper) -> int | None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from machine_memory.connection import sibling_cursor
 from machine_memory.locks.base import Fence
 from machine_memory.sql.base import LOCK_TABLE, Dialect, state_row
 
@@ -104,7 +105,7 @@ class PostgreSQLDialect(Dialect):
         # previous holder committed while this statement waited for the lock row.
         # https://www.postgresql.org/docs/current/libpq-pipeline-mode.html
         raw = cursor.connection
-        reader = type(cursor)(raw)
+        reader = sibling_cursor(cursor)
         with raw.pipeline():
             cursor.execute(
                 self._acquire_sql("token, acquired_at, expires_at"),
