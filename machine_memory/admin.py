@@ -356,6 +356,69 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         return cast("MachineStateQuerySet", super().get_queryset(request)).with_lock()
 
+    # -- deleting: never a state whose lock is live, as purge_machine_states ------------
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        if "delete_selected" in actions:
+            actions["delete_selected"] = (
+                type(self).delete_unlocked,
+                "delete_selected",
+                "Delete selected machine states (not those with a live lock)",
+            )
+        return actions
+
+    def delete_unlocked(self, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
+        """Django's delete action, on the selected states without a live lock."""
+        from django.contrib.admin.actions import delete_selected
+
+        states = cast("MachineStateQuerySet", queryset)
+        kept = states.with_live_lock().count()
+        if kept:
+            self.message_user(
+                request,
+                f"{kept} of the selected machine states have a live lock: a worker is in the "
+                "middle of its cycle. They are not deleted; release their locks first, or wait.",
+                messages.WARNING,
+            )
+        deletable = states.without_live_lock()
+        if not deletable.exists():
+            return None
+        return delete_selected(self, request, deletable)
+
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        machine_id = unquote(object_id)
+        live = live_lock(machine_id) if "\x00" not in machine_id else None
+        if live is not None:
+            self.message_user(
+                request, f"Not deleted: {locked_refusal(machine_id, live)}", messages.ERROR
+            )
+            return HttpResponseRedirect(state_url(machine_id))
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        # One DELETE that skips the state if its lock went live since the confirmation.
+        deleted, _ = (
+            MachineState.objects.using(conf.DATABASE).filter(pk=obj.pk).without_live_lock().delete()
+        )
+        if not deleted:
+            live = live_lock(obj.pk)
+            reason = locked_refusal(obj.pk, live) if live else "it changed meanwhile."
+            setattr(request, REFUSED, Refusal(f"Not deleted: {reason}"))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        ids = list(queryset.values_list("pk", flat=True))
+        MachineState.objects.using(conf.DATABASE).filter(pk__in=ids).without_live_lock().delete()
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id: Any) -> HttpResponse:
+        refused: Refusal | None = getattr(request, REFUSED, None)
+        if refused is None:
+            return super().response_delete(request, obj_display, obj_id)
+        self.message_user(request, refused.message, refused.level)
+        return HttpResponseRedirect(state_url(str(obj_id)))
+
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         fields: tuple[str, ...] = self.readonly_fields
         if self.has_change_permission(request, obj):
@@ -504,6 +567,19 @@ class MachineStateAdmin(UsingDatabaseAdmin):
         # A fresh GET of this page: the form and the document show the stored state and
         # its version, never the rejected document (which a re-rendered POST would hold).
         return HttpResponseRedirect(request.get_full_path())
+
+
+def live_lock(machine_id: str) -> MachineLock | None:
+    """The live lock row of ``machine_id``, with the database's clock for describe_lock."""
+    rows = MachineLock.objects.using(conf.DATABASE).live().with_clock()
+    return rows.filter(pk=machine_id).first()
+
+
+def locked_refusal(machine_id: str, live: MachineLock) -> str:
+    return (
+        f"machine {machine_id!r} has a live lock ({describe_lock(live)}): a worker is in the "
+        "middle of its cycle. Release the lock first (the Release action), or wait for it."
+    )
 
 
 def stale_refusal(exc: WriteConflict, shown: int) -> Refusal:

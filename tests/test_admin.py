@@ -710,3 +710,66 @@ def test_nul_in_the_ids_an_action_selects_is_no_server_error(
     response = superuser.post(url, data)
     assert response.status_code == 302
     assert response["Location"].endswith("?e=1")
+
+
+# -- deleting states whose lock is live ------------------------------------------------------
+
+
+def test_a_state_with_a_live_lock_is_not_deleted_from_its_page(
+    routed: str, superuser: Client
+) -> None:
+    machine_id = write(routed, {"a": 1})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)
+    url = reverse("admin:machine_memory_machinestate_delete", args=[quote(machine_id)])
+    response = superuser.get(url, follow=True)
+    said = " ".join(messages_of(response))
+    assert "Not deleted" in said and "has a live lock (live, " in said and holder.owner in said
+    superuser.post(url, {"post": "yes"})
+    assert MachineState.objects.using(routed).filter(pk=machine_id).exists()
+    assert holder.unlock(machine_id)
+    superuser.post(url, {"post": "yes"})
+    assert not MachineState.objects.using(routed).filter(pk=machine_id).exists()
+
+
+def test_a_lock_taken_after_the_confirmation_keeps_the_state(
+    routed: str, superuser: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine_id = write(routed, {"a": 1})
+    url = reverse("admin:machine_memory_machinestate_delete", args=[quote(machine_id)])
+    assert "Are you sure" in text(superuser.get(url))
+    holder = MachineMemory(using=routed)
+    assert holder.lock(machine_id)  # a worker starts its cycle meanwhile
+    # The page's own look found no lock (it came just before the worker's lock() landed);
+    # the DELETE checks again in its own statement.
+    looks = iter([None])
+    real = admin.live_lock
+    monkeypatch.setattr(admin, "live_lock", lambda mid: next(looks, real(mid)))
+    try:
+        response = superuser.post(url, {"post": "yes"}, follow=True)
+        said = " ".join(messages_of(response))
+        assert "Not deleted" in said and "deleted successfully" not in said
+        assert MachineState.objects.using(routed).filter(pk=machine_id).exists()
+    finally:
+        assert holder.unlock(machine_id)
+
+
+def test_the_delete_action_leaves_states_with_a_live_lock(routed: str, superuser: Client) -> None:
+    locked, free = write(routed, {"a": 1}), write(routed, {"a": 2})
+    holder = MachineMemory(using=routed)
+    assert holder.lock(locked)
+    try:
+        confirm = action(superuser, STATES, "delete_selected", [locked, free])
+        page = text(confirm)
+        assert "Are you sure" in page and free in page and locked not in page
+        assert "have a live lock" in " ".join(messages_of(confirm))
+        response = action(superuser, STATES, "delete_selected", [locked, free], post="yes")
+        assert "Successfully deleted 1 machine state" in " ".join(messages_of(response))
+        remaining = MachineState.objects.using(routed).filter(pk__in=[locked, free])
+        assert set(remaining.values_list("pk", flat=True)) == {locked}
+        # Only locked states selected: nothing to confirm, nothing deleted.
+        response = action(superuser, STATES, "delete_selected", [locked])
+        assert "have a live lock" in " ".join(messages_of(response))
+        assert MachineState.objects.using(routed).filter(pk=locked).exists()
+    finally:
+        assert holder.unlock(locked)
