@@ -1,6 +1,6 @@
 """System checks for ``settings.MACHINE_MEMORY``: one check id per rule.
 
-Ids are stable and documented in the README (machine_memory.E001 ...). Lock backends
+Ids are stable and documented in docs/settings.md (machine_memory.E001 ...). Lock backends
 add their own messages through ``LockBackend.check()``.
 """
 
@@ -27,7 +27,7 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         return [
             Error(
                 "settings.MACHINE_MEMORY must be a dict.",
-                hint="Set MACHINE_MEMORY = {...} with the keys listed in the README, or remove it.",
+                hint="Set MACHINE_MEMORY = {...} with the keys of docs/settings.md, or remove it.",
                 id="machine_memory.E001",
             )
         ]

@@ -2,7 +2,7 @@
 
 A live server on 127.0.0.1 serves the admin (and its static files) from this process; the
 browser logs in, opens a machine's state, reads its JSON, and releases its lock with the
-admin action. The run on SQLite saves the screenshots the README shows
+admin action. The run on SQLite saves the screenshots docs/operating.md shows
 (docs/screenshots/*.png). Without Chromium the test is skipped locally, and fails under CI.
 """
 

@@ -38,7 +38,7 @@ logger = logging.getLogger("machine_memory")
 # hammering it.
 RETRY_AFTER = 1
 
-# code -> what it means. The README's status code table is this dict.
+# code -> what it means. docs/rest-api.md#status-codes is this dict as a table.
 CODES = {
     "invalid_id": "400: the id in the URL is not a valid machine id",
     "invalid_state": "400: the state (or its metadata) cannot be stored",
