@@ -690,3 +690,43 @@ def test_a_dropped_database_connection_is_replaced_before_the_next_request(
             live.url, "PUT", path, live.token, {"data": {"n": 2}}, {"If-Match": '"1"'}
         )
         assert status == 200, written
+
+
+# -- the docs' walkthrough, run as written ---------------------------------------------------
+
+
+def test_the_rest_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """docs/rest-api.md's curl walkthrough, by bash, against the example project: it gets
+    its own API token and lock token. Only the server's address and this test's Python (the
+    one with Django) are put in. Every step must work for the last one to find version 3 and
+    delete the state."""
+    text = (REPO_ROOT / "docs" / "rest-api.md").read_text()
+    script = text.split("A walk through them with curl", 1)[1]
+    script = script.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "API=http://127.0.0.1:8000/api/machine-memory" in script
+    with serve(tmp_path, "--workers", "1", "--threads", "4") as live:
+        script = script.replace("http://127.0.0.1:8000", live.url)
+        script = script.replace(
+            "python3 example_project/manage.py", f"{sys.executable} example_project/manage.py"
+        )
+        env = example_env(tmp_path)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        compact = output.replace(" ", "")
+        # Create, compare-and-set, then the lock holder's overwrite: versions 1, 2 and 3.
+        for version in (1, 2, 3):
+            assert f'"version":{version}' in compact, output
+        assert "order/42" in output  # the listing
+        status, _, _ = request(
+            live.url, "GET", "/api/machine-memory/state/?id=order/42", live.token
+        )
+        assert status == 404, output  # the walkthrough's last step deleted version 3
