@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from machine_memory.locks.base import Fence
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable
 
@@ -16,7 +18,6 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-    from machine_memory.locks.base import Fence
     from machine_memory.validation import Metadata
 
 STATE_TABLE = "machine_memory_state"
@@ -296,6 +297,16 @@ class Dialect:
 
         A write that did not land leaves the lock held, as ``write`` does.
         """
+        write, params = self.state_write(
+            machine_id, text, expected_version, meta, Fence(lock_token=token)
+        )
+        return self.write_then_release(cursor, write, params, (machine_id, token))
+
+    def write_then_release(
+        self, cursor: Cursor, write: str, params: tuple[Any, ...], release: tuple[str, int]
+    ) -> tuple[bool, bool]:
+        """Run ``write`` and, if it matched a row, ``release_token_sql()`` with ``release``,
+        as one round trip and one commit (the vendor's part of ``write_and_release``)."""
         raise NotImplementedError
 
     def release_token_sql(self) -> str:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from django.core.checks import Warning
 
 from machine_memory.exceptions import MachineMemoryError
-from machine_memory.locks.base import Fence
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
     from machine_memory.sql.base import Cursor, Taken
-    from machine_memory.validation import Metadata
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 # The server's error for KILL of a thread that no longer exists.
@@ -167,20 +165,11 @@ class MySQLDialect(Dialect):
             return None
         return (int(row[0]), row[1], row[2]), state_row(row[3:])
 
-    def write_and_release(
-        self,
-        cursor: Cursor,
-        machine_id: str,
-        text: str,
-        expected_version: int | None,
-        meta: Metadata | None,
-        token: int,
+    def write_then_release(
+        self, cursor: Cursor, write: str, params: tuple[Any, ...], release: tuple[str, int]
     ) -> tuple[bool, bool]:
         # One batch, one transaction: the write, its matched-row count kept in a session
         # variable, and the release only if that count is 1.
-        write, params = self.state_write(
-            machine_id, text, expected_version, meta, Fence(lock_token=token)
-        )
         sql = self.statement(
             ("write_and_release", write),
             lambda: (
@@ -190,7 +179,7 @@ class MySQLDialect(Dialect):
             ),
         )
         try:
-            counts = _batch(cursor, sql, (*params, machine_id, token))[-2]
+            counts = _batch(cursor, sql, (*params, *release))[-2]
         except BaseException:
             # An error ends the batch before its COMMIT: end the transaction it opened.
             _rollback_quietly(cursor)

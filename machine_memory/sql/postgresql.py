@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from machine_memory.connection import sibling_cursor
-from machine_memory.locks.base import Fence
 from machine_memory.sql.base import LOCK_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
@@ -17,7 +16,6 @@ if TYPE_CHECKING:
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
     from machine_memory.sql.base import Cursor, Taken
-    from machine_memory.validation import Metadata
 
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
@@ -118,19 +116,10 @@ class PostgreSQLDialect(Dialect):
             return None
         return (int(lock[0]), lock[1], lock[2]), state_row(state)
 
-    def write_and_release(
-        self,
-        cursor: Cursor,
-        machine_id: str,
-        text: str,
-        expected_version: int | None,
-        meta: Metadata | None,
-        token: int,
+    def write_then_release(
+        self, cursor: Cursor, write: str, params: tuple[Any, ...], release: tuple[str, int]
     ) -> tuple[bool, bool]:
         # One statement: the write, and the release only if the write returned its row.
-        write, params = self.state_write(
-            machine_id, text, expected_version, meta, Fence(lock_token=token)
-        )
         sql = self.statement(
             ("write_and_release", write),
             lambda: (
@@ -139,7 +128,7 @@ class PostgreSQLDialect(Dialect):
                 " SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM r)"
             ),
         )
-        cursor.execute(sql, (*params, machine_id, token))
+        cursor.execute(sql, (*params, *release))
         written, released = cursor.fetchone()
         return written == 1, released == 1
 

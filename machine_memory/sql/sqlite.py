@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from machine_memory.locks.base import Fence
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect
 
 if TYPE_CHECKING:
     from machine_memory.sql.base import Cursor, Taken
-    from machine_memory.validation import Metadata
 
 
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
@@ -89,28 +87,19 @@ class SQLiteDialect(Dialect):
         token, acquired_at, expires_at = rows[0]
         return (int(token), acquired_at, expires_at), self.read(cursor, machine_id)
 
-    def write_and_release(
-        self,
-        cursor: Cursor,
-        machine_id: str,
-        text: str,
-        expected_version: int | None,
-        meta: Metadata | None,
-        token: int,
+    def write_then_release(
+        self, cursor: Cursor, write: str, params: tuple[Any, ...], release: tuple[str, int]
     ) -> tuple[bool, bool]:
         # In-process, so no round trips to save: one transaction makes it one commit, and
         # the write and the release land together. BEGIN IMMEDIATE takes the write lock
         # first (waiting up to the busy timeout), as the write would anyway.
-        write, params = self.state_write(
-            machine_id, text, expected_version, meta, Fence(lock_token=token)
-        )
         cursor.execute("BEGIN IMMEDIATE")
         try:
             cursor.execute(write, params)
             written = cursor.rowcount == 1
             released = False
             if written:
-                cursor.execute(self.release_token_sql(), (machine_id, token))
+                cursor.execute(self.release_token_sql(), release)
                 released = cursor.rowcount == 1
             cursor.execute("COMMIT")
         except BaseException:
