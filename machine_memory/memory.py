@@ -1074,7 +1074,10 @@ class MachineMemory:
         expected = locked.version
         changed = None if expected is not None and locked.meta == meta else meta
         released = False
-        if self._one_trip():
+        # Inside the caller's transaction: the classic write, which commits with it, and the
+        # release left to the session's exit.
+        inside = self.store.in_transaction()
+        if self._combined and not inside:
             try:
                 written, released = self.store.write_and_release(
                     machine_id, text, expected, changed, locked.token
@@ -1097,9 +1100,7 @@ class MachineMemory:
         self._written(machine_id, data, 1 if expected is None else expected + 1, meta)
         if released:
             self._held.pop(machine_id, None)
-        elif not self.store.in_transaction():
-            # Inside the caller's transaction the write commits later: the session's exit
-            # releases instead.
+        elif not inside:
             self.unlock(machine_id)
 
     def _wrote_and_released(
