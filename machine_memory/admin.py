@@ -366,7 +366,7 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     )
     def delete_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
         """Django's delete action, on the selected states without a live lock."""
-        from django.contrib.admin.actions import delete_selected
+        from django.contrib.admin.actions import delete_selected as djangos_delete_selected
 
         states = cast("MachineStateQuerySet", queryset)
         kept = states.with_live_lock().count()
@@ -380,7 +380,7 @@ class MachineStateAdmin(UsingDatabaseAdmin):
         deletable = states.without_live_lock()
         if not deletable.exists():
             return None
-        return delete_selected(self, request, deletable)
+        return djangos_delete_selected(self, request, deletable)
 
     def delete_view(
         self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
