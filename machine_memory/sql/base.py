@@ -31,7 +31,7 @@ STATE_COLUMNS = "state, version, execution_status, parent_id, initiator, source"
 
 # What acquire_and_read returns: the lock taken as (token, acquired_at, expires_at), times
 # as the driver returns them, and the state row as ``read`` returns it (None: no state).
-Taken = tuple[tuple[int, Any, Any], "tuple[Any, int, Metadata] | None"]
+TakenRows = tuple[tuple[int, Any, Any], "tuple[Any, int, Metadata] | None"]
 
 
 def state_row(row: Any) -> tuple[Any, int, Metadata] | None:
@@ -275,7 +275,7 @@ class Dialect:
 
     def acquire_and_read(
         self, cursor: Cursor, machine_id: str, owner: str, ttl: float
-    ) -> Taken | None:
+    ) -> TakenRows | None:
         """``acquire`` and ``read`` in one round trip and one commit; None when denied.
 
         The read must see every state committed before the lock was taken, including one

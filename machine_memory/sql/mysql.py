@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-    from machine_memory.sql.base import Cursor, Taken
+    from machine_memory.sql.base import Cursor, TakenRows
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 # The server's error for KILL of a thread that no longer exists.
@@ -131,7 +131,7 @@ class MySQLDialect(Dialect):
 
     def acquire_and_read(
         self, cursor: Cursor, machine_id: str, owner: str, ttl: float
-    ) -> Taken | None:
+    ) -> TakenRows | None:
         self._require_sequences(cursor)
         ttl_param = self.ttl_param(ttl)
         # One batch of autocommitted statements (mysqlclient enables multi-statements): the

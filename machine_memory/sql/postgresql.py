@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-    from machine_memory.sql.base import Cursor, Taken
+    from machine_memory.sql.base import Cursor, TakenRows
 
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
@@ -96,7 +96,7 @@ class PostgreSQLDialect(Dialect):
 
     def acquire_and_read(
         self, cursor: Cursor, machine_id: str, owner: str, ttl: float
-    ) -> Taken | None:
+    ) -> TakenRows | None:
         # Two statements in one pipeline: one round trip, and one implicit transaction (no
         # Sync between them). Not one statement with a data-modifying CTE: its SELECT would
         # read the snapshot taken when the statement began, and miss a state that the

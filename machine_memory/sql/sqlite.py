@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect
 
 if TYPE_CHECKING:
-    from machine_memory.sql.base import Cursor, Taken
+    from machine_memory.sql.base import Cursor, TakenRows
 
 
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
@@ -72,7 +72,7 @@ class SQLiteDialect(Dialect):
 
     def acquire_and_read(
         self, cursor: Cursor, machine_id: str, owner: str, ttl: float
-    ) -> Taken | None:
+    ) -> TakenRows | None:
         # In-process, so there is no round trip to save: the plain read after the lock
         # costs less than reading the state through subqueries of the lock's RETURNING.
         # SQLite has one writer at a time, and the lock's commit comes after every earlier
