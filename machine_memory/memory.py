@@ -34,6 +34,7 @@ from machine_memory.exceptions import (
 from machine_memory.locks.base import NO_FENCE, LockBackend
 from machine_memory.retry import pauses
 from machine_memory.stores.base import NothingSent
+from machine_memory.telemetry import note, observed
 from machine_memory.validation import (
     decode_state,
     encode_state,
@@ -122,7 +123,7 @@ class Session:
     def write(self, data: dict[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
         """Store ``data`` over the state read, fenced, and release the lock (see ``write``)."""
         self._check_open()
-        self._memory._session_write(self._locked, data, metadata)
+        self._memory._session_write(self.machine_id, self._locked, data, metadata)
         self.written = True
 
 
@@ -131,7 +132,9 @@ class AsyncSession(Session):
         self, data: dict[str, Any], metadata: Mapping[str, Any] | None = None
     ) -> None:
         self._check_open()
-        await sync_to_async(self._memory._session_write)(self._locked, data, metadata)
+        await sync_to_async(self._memory._session_write)(
+            self.machine_id, self._locked, data, metadata
+        )
         self.written = True
 
 
@@ -275,7 +278,9 @@ class MachineMemory:
     def _read_once(self, machine_id: str) -> dict[str, Any] | None:
         row = self.store.load(machine_id)
         if row is None:
+            note("missing")
             return None
+        note("found", version=row.version, text=row.document)
         data = decode_state(row.document)
         self._versions.remember(machine_id, data, row.version, row.meta)
         return data
@@ -283,10 +288,12 @@ class MachineMemory:
     def _read_failed(self, machine_id: str, exc: BaseException) -> ReadError:
         return ReadError(f"Reading machine {machine_id!r} failed: {exc}")
 
+    @observed("read")
     def read(self, machine_id: str) -> dict[str, Any] | None:
         """The stored state (a fresh dict each call), or None when there is none yet."""
         machine_id = validate_id(machine_id)
-        for pause in self._read_pauses():
+        for attempt, pause in enumerate(self._read_pauses(), 1):
+            note(attempts=attempt)
             try:
                 return self._read_once(machine_id)
             except self.store.transient_errors as exc:
@@ -298,10 +305,12 @@ class MachineMemory:
                 raise self._read_failed(machine_id, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @observed("read")
     async def aread(self, machine_id: str) -> dict[str, Any] | None:
         machine_id = validate_id(machine_id)
         read_once = sync_to_async(self._read_once)
-        for pause in self._read_pauses():
+        for attempt, pause in enumerate(self._read_pauses(), 1):
+            note(attempts=attempt)
             try:
                 return await read_once(machine_id)
             except self.store.transient_errors as exc:
@@ -325,6 +334,7 @@ class MachineMemory:
 
     # -- write ------------------------------------------------------------------------
 
+    @observed("write")
     def write(
         self,
         machine_id: str,
@@ -361,6 +371,7 @@ class MachineMemory:
         ``changed``: the metadata columns to set (None: leave them; a create sets them).
         """
         token = self._held.get(machine_id)
+        note(fencing_token=token, expected_version=expected, text=text)
         fence = self._fence(machine_id, token)
         try:
             if expected is None:
@@ -379,6 +390,7 @@ class MachineMemory:
             self._raise_rejected(machine_id, expected, token)
 
     def _written(self, machine_id: str, data: dict[str, Any], version: int, meta: Metadata) -> None:
+        note("written", version=version)
         # Inside the caller's transaction the new version may still be rolled back; a later
         # write from `data` then falls back to the content compare, which is always right.
         if not self.store.in_transaction():
@@ -415,6 +427,7 @@ class MachineMemory:
             )
         return row.version, row.meta
 
+    @observed("overwrite")
     def overwrite(
         self,
         machine_id: str,
@@ -438,6 +451,7 @@ class MachineMemory:
         version = _version_argument(version)
         if create and version is not None:
             raise ValueError("create=True stores over whatever version exists; pass no version.")
+        note(text=text)
         if version is not None:
             # The version is pinned: one conditional UPDATE decides, no row lock needed.
             self._compare_and_set(machine_id, data, text, version, meta)
@@ -493,6 +507,7 @@ class MachineMemory:
                     return None
                 self._check_current(machine_id, current, wanted, verb)
                 assert current is not None
+                note(fencing_token=token, expected_version=current)
                 if not change(current, self._fence(machine_id, token)):
                     self._raise_rejected(machine_id, current, token)
                 committing = current
@@ -653,6 +668,7 @@ class MachineMemory:
 
     # -- delete and cleanup -----------------------------------------------------------
 
+    @observed("delete")
     def delete(
         self,
         machine_id: str,
@@ -684,6 +700,7 @@ class MachineMemory:
         # Fenced after the version is known, as in write(): a missing state is a
         # WriteConflict with every lock backend.
         token = self._held.get(machine_id)
+        note(fencing_token=token, expected_version=expected)
         fence = self._fence(machine_id, token)
         try:
             deleted = self.store.delete(machine_id, expected, fence)
@@ -695,6 +712,7 @@ class MachineMemory:
         except self.store.errors as exc:
             raise WriteError(f"Deleting machine {machine_id!r} failed: {exc}") from exc
         if deleted:
+            note("deleted")
             self._versions.forget(machine_id, prev_data)
             return
         try:
@@ -703,10 +721,11 @@ class MachineMemory:
             raise WriteError(f"Deleting machine {machine_id!r} failed: {exc}") from exc
         if not gone:
             self._raise_rejected(machine_id, expected, token)
+        note("missing")
 
     def _delete_current(self, machine_id: str, version: int | None) -> None:
         """Delete whatever version is stored (or ``version``), under the row's lock."""
-        self._change_locked_row(
+        deleted = self._change_locked_row(
             machine_id,
             version,
             "delete",
@@ -714,7 +733,9 @@ class MachineMemory:
             _deleted,
             missing_ok=True,
         )
+        note("missing" if deleted is None else "deleted")
 
+    @observed("cleanup")
     def cleanup(
         self,
         machine_id: str,
@@ -734,6 +755,8 @@ class MachineMemory:
         try:
             if self.cleanup_mode == "delete":
                 self._delete_state(machine_id, data, None)
+            else:
+                note("kept")
         finally:
             self.unlock(machine_id)
 
@@ -769,6 +792,7 @@ class MachineMemory:
         if token is None:
             return False
         self._held[machine_id] = token
+        note(fencing_token=token)
         return True
 
     def _acquire_after_failure(self, machine_id: str, ttl: float) -> int | None:
@@ -794,28 +818,34 @@ class MachineMemory:
         except self.locks.errors:
             logger.warning("Could not release %r after a failed lock().", machine_id)
 
+    @observed("lock")
     def lock(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
         """Acquire the lock; False (after a few short retries) if another owner holds it."""
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
-        for pause in self._lock_pauses():
+        for attempt, pause in enumerate(self._lock_pauses(), 1):
             if self._lock_once(machine_id, seconds):
+                note("acquired", attempts=attempt, ttl=seconds)
                 return True
             if pause is None:
+                note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
                 return False
             logger.debug("Lock on %r busy; retrying in %.3f s.", machine_id, pause)
             time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @observed("lock")
     async def alock(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
         lock_once = sync_to_async(self._lock_once)
-        for pause in self._lock_pauses():
+        for attempt, pause in enumerate(self._lock_pauses(), 1):
             if await lock_once(machine_id, seconds):
+                note("acquired", attempts=attempt, ttl=seconds)
                 return True
             if pause is None:
+                note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
                 return False
             logger.debug("Lock on %r busy; retrying in %.3f s.", machine_id, pause)
@@ -824,15 +854,23 @@ class MachineMemory:
 
     def _unlock_once(self, machine_id: str) -> bool:
         released = self.locks.release(machine_id, self.owner)
-        self._held.pop(machine_id, None)
+        token = self._held.pop(machine_id, None)
+        if not released:
+            note("refused", fencing_token=token)
+        elif token is None:
+            note("not_held")
+        else:
+            note("released", fencing_token=token, released=True)
         return released
 
     def _unlock_failed(self, machine_id: str, exc: BaseException, last: bool) -> None:
         if last:
+            note("failed")
             logger.warning("Unlocking machine %r failed; leaving it to expire: %s", machine_id, exc)
         else:
             self._recover()
 
+    @observed("unlock")
     def unlock(self, machine_id: str) -> bool:
         """Release this instance's lock: True if released or not held; False if another owns it.
 
@@ -850,6 +888,7 @@ class MachineMemory:
             time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @observed("unlock")
     async def aunlock(self, machine_id: str) -> bool:
         machine_id = validate_id(machine_id)
         unlock_once = sync_to_async(self._unlock_once)
@@ -877,15 +916,17 @@ class MachineMemory:
             self._recover()
             raise LockError(f"{what} failed: {exc}") from exc
 
+    @observed("extend")
     def extend(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
         """Push the expiry of a lock this instance holds; False if it was lost (or never held)."""
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
         token = self._held.get(machine_id)
         if token is None:
+            note("not_held")
             return False
         # A failed extend keeps the token: writes stay fenced until unlock().
-        return self._reconnecting(
+        extended = self._reconnecting(
             f"Extending the lock on {machine_id!r}",
             self.locks.extend,
             machine_id,
@@ -893,20 +934,26 @@ class MachineMemory:
             token,
             seconds,
         )
+        note("extended" if extended else "lock_lost", fencing_token=token, ttl=seconds)
+        return extended
 
     async def aextend(self, machine_id: str, ttl: float | datetime.timedelta | None = None) -> bool:
         return await sync_to_async(self.extend)(machine_id, ttl)
 
+    @observed("lock_info")
     def lock_info(self, machine_id: str) -> LockInfo | None:
         """The live lock on ``machine_id`` (owner, token, acquired_at, expires_at), or None."""
         machine_id = validate_id(machine_id)
-        return self._reconnecting(
+        info = self._reconnecting(
             f"Reading the lock on {machine_id!r}", self.locks.info, machine_id
         )
+        note("missing" if info is None else "found")
+        return info
 
     async def alock_info(self, machine_id: str) -> LockInfo | None:
         return await sync_to_async(self.lock_info)(machine_id)
 
+    @observed("force_unlock")
     def force_unlock(self, machine_id: str) -> LockInfo | None:
         """Release the live lock on ``machine_id`` whoever holds it: an operator's tool.
 
@@ -916,9 +963,14 @@ class MachineMemory:
         Raises ``LockError`` when the lock storage fails.
         """
         machine_id = validate_id(machine_id)
-        return self._reconnecting(
+        info = self._reconnecting(
             f"Force-releasing the lock on {machine_id!r}", self.locks.force_release, machine_id
         )
+        if info is None:
+            note("not_held")
+        else:
+            note("released", fencing_token=info.token, released=True, forced=True)
+        return info
 
     def holds(self, machine_id: str) -> bool:
         """Whether this instance acquired the lock on ``machine_id`` and has not released it."""
@@ -992,9 +1044,11 @@ class MachineMemory:
         if taken is None:
             return None
         self._held[machine_id] = taken.token
+        note(fencing_token=taken.token)
         row = taken.stored
         if row is None:
             return Locked(machine_id, taken.token, None, None, None, taken.lock_info)
+        note(text=row.document)
         data = decode_state(row.document)
         self._versions.remember(machine_id, data, row.version, row.meta)
         return Locked(machine_id, taken.token, data, row.version, row.meta, taken.lock_info)
@@ -1028,6 +1082,7 @@ class MachineMemory:
         assert seen is not None
         return Locked(machine_id, token, data, seen[0], seen[1], lock_info)
 
+    @observed("lock_and_read")
     def lock_and_read(
         self, machine_id: str, ttl: float | datetime.timedelta | None = None
     ) -> Locked | None:
@@ -1038,37 +1093,46 @@ class MachineMemory:
         """
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
-        for pause in self._lock_pauses():
+        for attempt, pause in enumerate(self._lock_pauses(), 1):
             locked = self._take_once(machine_id, seconds)
             if locked is not None:
+                note("acquired", attempts=attempt, ttl=seconds, version=locked.version)
                 return locked
             if pause is None:
+                note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
                 return None
             time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @observed("lock_and_read")
     async def alock_and_read(
         self, machine_id: str, ttl: float | datetime.timedelta | None = None
     ) -> Locked | None:
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
         take_once = sync_to_async(self._take_once)
-        for pause in self._lock_pauses():
+        for attempt, pause in enumerate(self._lock_pauses(), 1):
             locked = await take_once(machine_id, seconds)
             if locked is not None:
+                note("acquired", attempts=attempt, ttl=seconds, version=locked.version)
                 return locked
             if pause is None:
+                note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
                 return None
             await asyncio.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @observed("session.write")
     def _session_write(
-        self, locked: Locked, data: dict[str, Any], metadata: Mapping[str, Any] | None
+        self,
+        machine_id: str,
+        locked: Locked,
+        data: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
     ) -> None:
         """``Session.write``: the fenced write and the release, together where they can be."""
-        machine_id = locked.machine_id
         text = encode_state(data, self.max_state_bytes)
         meta = resolve_metadata(data, metadata, machine_id)
         expected = locked.version
@@ -1078,6 +1142,7 @@ class MachineMemory:
         # release left to the session's exit.
         inside = self.store.in_transaction()
         if self._combined and not inside:
+            note(fencing_token=locked.token, expected_version=expected, text=text)
             try:
                 written, released = self.store.write_and_release(
                     machine_id, text, expected, changed, locked.token
@@ -1100,6 +1165,7 @@ class MachineMemory:
         self._written(machine_id, data, 1 if expected is None else expected + 1, meta)
         if released:
             self._held.pop(machine_id, None)
+            note(released=True)
         elif not inside:
             self.unlock(machine_id)
 
