@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from io import StringIO
 from typing import TYPE_CHECKING, Any
 
@@ -219,6 +220,54 @@ def test_worker_processes_text_output(alias: str) -> None:
     out, _ = bench(alias, *WORKERS)
     assert "40 cycles per run, 2 worker(s), 5 machine ids, distinct ids per worker" in out
     assert_table(out, connections[alias].vendor)
+
+
+class Terminal(StringIO):
+    """An output that says it is a terminal, as a console's is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def bench_on_a_terminal(*args: str) -> tuple[str, str]:
+    out, err = StringIO(), Terminal()
+    call_command("machine_memory_bench", "--database", "default", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def test_progress_bar_on_a_terminal(db_access: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machine_memory.management.commands import machine_memory_bench
+
+    monkeypatch.setattr(machine_memory_bench, "SHOW_AFTER", 0.0)  # the run takes less
+    out, err = bench_on_a_terminal(*SMALL)
+    assert "run 1/1" in err and "60/60" in err, err  # rich's bar, on stderr
+    assert "━" in err and "\x1b[" in err
+    assert_table(out, "sqlite")  # the report itself is unchanged
+
+
+def test_worker_processes_show_a_spinner_on_a_terminal(db_access: None) -> None:
+    out, err = bench_on_a_terminal(*WORKERS, "--no-raw")
+    assert "run 1/1: memory, 2 processes" in err, err
+    assert "2 worker(s)" in out
+
+
+def test_no_progress_without_rich(db_access: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machine_memory.management.commands import machine_memory_bench
+
+    monkeypatch.setattr(machine_memory_bench, "SHOW_AFTER", 0.0)
+    monkeypatch.setitem(sys.modules, "rich.progress", None)  # import fails: not installed
+    out, err = bench_on_a_terminal(*SMALL)
+    assert err == ""
+    assert_table(out, "sqlite")
+
+
+def test_no_progress_when_not_a_terminal(db_access: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machine_memory.management.commands import machine_memory_bench
+
+    monkeypatch.setattr(machine_memory_bench, "SHOW_AFTER", 0.0)
+    out, err = bench("default", *SMALL)
+    assert err == ""  # a log file gets the report alone
+    assert_table(out, "sqlite")
 
 
 @pytest.mark.usefixtures("left_behind")

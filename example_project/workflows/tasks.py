@@ -2,9 +2,9 @@
 
 A Celery worker started on this module (``celery --app workflows.tasks worker``) sets
 Django up with the example's settings and handles each event with
-``machine_memory.contrib.celery.machine_task``: lock + read, ``next_state``, write +
-release, and the broker redelivers what the lock refused. Redis is the broker
-(``DEMO_CELERY_BROKER_URL``, default database 2 of the local Redis).
+``machine_memory.contrib.celery.machine_task``: lock + read, the order's handler
+(``workflow.apply``), write + release, and the broker redelivers what the lock refused.
+Redis is the broker (``DEMO_CELERY_BROKER_URL``, default database 2 of the local Redis).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from celery import Celery  # noqa: E402 - after django.setup(), as Django wants
 
 from machine_memory import MachineMemory  # noqa: E402
 from machine_memory.contrib.celery import machine_task  # noqa: E402
-from workflows.workflow import Event, next_state  # noqa: E402
+from workflows.workflow import Event, apply  # noqa: E402
 
 BROKER_URL = os.environ.get("DEMO_CELERY_BROKER_URL", "redis://127.0.0.1:6379/2")
 # As in the demo's own workers: a worker that dies holding a lock blocks its machine for
@@ -48,9 +48,7 @@ def owner() -> str:
 
 
 @machine_task(app, key="machine_id", memory=lambda: MachineMemory(lock_ttl=LOCK_TTL, owner=owner()))
-def apply_event(state: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
-    """The order machine's handler: the next state after ``event``."""
-    work = event.get("work_seconds", 0.0)
-    delivered = Event(event["machine_id"], event["parent_id"], event["number"], event["total"])
-    time.sleep(work)  # the handler's own work, done under the lock
-    return next_state(state, delivered, owner())
+def apply_event(state: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any] | None:
+    """The order's handler: the next state after ``event`` (None: applied already)."""
+    time.sleep(event.get("work_seconds", 0.0))  # the handler's own work, under the lock
+    return apply(state, Event.from_dict(event), owner()).state

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
@@ -44,30 +44,73 @@ if TYPE_CHECKING:
     from machine_memory.memory import MachineMemory
 
 
-class Progress:
-    """A one-line progress bar on a terminal, for runs longer than a couple of seconds."""
+# A run shorter than this shows no progress at all: a bar that flashes by helps nobody.
+SHOW_AFTER = 2.0
 
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
+
+class Progress:
+    """rich's progress bar on a terminal (the ``[rich]`` extra); nothing without rich, or
+    when the output is not a terminal.
+
+    With a ``total``, it is drawn only when the bench reports progress, between cycles: no
+    refresh thread competes with the cycles being timed. Without one (worker processes run
+    the cycles and this process only waits) it is a spinner with the elapsed time.
+    """
+
+    def __init__(self, label: str, total: int | None, stream: TextIO | None) -> None:
+        self.total = total
         self.started = time.monotonic()
+        self.bar: Any = None
+        if stream is None:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+            from rich.progress import Progress as Bar
+        except ImportError:
+            return
+        console = Console(file=stream)
+        if not console.is_terminal or console.is_dumb_terminal:
+            return
+        columns = (
+            [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            if total is not None
+            else [SpinnerColumn(), TextColumn(label), TimeElapsedColumn()]
+        )
+        self.bar = Bar(*columns, console=console, transient=True, auto_refresh=total is None)
+        self.task = self.bar.add_task(label, total=total)
         self.shown = False
+        if total is None:
+            self.bar.start()
+            self.shown = True
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __call__(self, done: int) -> None:
-        elapsed = time.monotonic() - self.started
-        if not self.enabled or elapsed < 2.0:
+        if self.bar is None:
             return
-        width = 30
-        filled = width * done // self.total
-        sys.stderr.write(
-            f"\r{self.label:<24} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
-        )
-        sys.stderr.flush()
-        self.shown = True
+        if not self.shown and time.monotonic() - self.started < SHOW_AFTER:
+            return
+        self.bar.update(self.task, completed=done)
+        if not self.shown:
+            self.bar.start()
+            self.shown = True
+        self.bar.refresh()
 
     def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r" + " " * 78 + "\r")
-            sys.stderr.flush()
+        if self.bar is not None and self.shown:
+            self.bar.stop()
+            self.shown = False
 
 
 class Command(BaseCommand):
@@ -235,10 +278,11 @@ class Command(BaseCommand):
                 if tables is not None:
                     kinds["raw"] = self.ids(f"{prefix}raw{run}", workers, machines)
                 if workers > 1:
-                    timings = {
-                        kind: self.cycle_run(memory, ids, options, kind, tables)
-                        for kind, ids in kinds.items()
-                    }
+                    timings = {}
+                    for kind, ids in kinds.items():
+                        label = f"run {run + 1}/{options['runs']}: {kind}, {workers} processes"
+                        with self.progress(label, None, options):
+                            timings[kind] = self.cycle_run(memory, ids, options, kind, tables)
                 else:
                     timings = self.turns(memory, kinds, options, tables, run)
                 memory_runs.append(timings["memory"])
@@ -279,21 +323,20 @@ class Command(BaseCommand):
         headers = {} if options["token"] is None else {"Authorization": f"Token {options['token']}"}
         memory_runs: list[Timings] = []
         http_runs: list[Timings] = []
-        for run in range(options["runs"]):
-            progress = Progress(
-                "MachineMemory", cycles, sys.stderr.isatty() and not options["json"]
-            )
-            try:
+        runs = options["runs"]
+        for run in range(runs):
+            label = f"run {run + 1}/{runs}: MachineMemory"
+            with self.progress(label, cycles, options) as progress:
                 memory_runs.append(
                     memory_cycles(
                         memory, self.ids(f"{prefix}r{run}", 1, machines), cycles, progress
                     )
                 )
-            finally:
-                progress.close()
             ids = self.ids(f"{prefix}h{run}", clients, machines)
             per_client = [ids[c * machines : (c + 1) * machines] for c in range(clients)]
-            timings = run_http_clients(options["http"], headers, per_client, cycles // clients)
+            label = f"run {run + 1}/{runs}: HTTP, {clients} client processes"
+            with self.progress(label, None, options):
+                timings = run_http_clients(options["http"], headers, per_client, cycles // clients)
             self.check_http_counts(memory, timings, options["http"])
             http_runs.append(timings)
         result: dict[str, Any] = {
@@ -328,6 +371,14 @@ class Command(BaseCommand):
         wrong = [i for i, n in expected.items() if (stored[i] or {}).get("counter") != n]
         if wrong:
             raise BenchError(f"{len(wrong)} machine(s) over HTTP do not add up, e.g. {wrong[0]!r}.")
+
+    @staticmethod
+    def progress(label: str, total: int | None, options: dict[str, Any]) -> Progress:
+        """A progress display on stderr; none with --json or -v 0."""
+        quiet = options["json"] or options["verbosity"] < 1
+        # The stream under self.stderr: Django's OutputWrapper ends every write with a
+        # newline, which would break the bar's redrawing.
+        return Progress(label, total, None if quiet else options.get("stderr") or sys.stderr)
 
     @staticmethod
     def ids(prefix: str, workers: int, machines: int) -> list[str]:
@@ -380,11 +431,10 @@ class Command(BaseCommand):
             raw, raw_ids = cycle, kinds["raw"]
             runners["raw"] = lambda start, count: raw_cycles(raw, raw_ids, count, start=start)
         label = f"run {run + 1}/{options['runs']}"
-        progress = Progress(label, cycles, sys.stderr.isatty() and not options["json"])
         try:
-            return interleaved(runners, cycles, progress)
+            with self.progress(label, cycles, options) as progress:
+                return interleaved(runners, cycles, progress)
         finally:
-            progress.close()
             if cycle is not None:
                 cycle.close()
 
@@ -398,19 +448,21 @@ class Command(BaseCommand):
         lost = 0
         for run in range(options["runs"]):
             ids = [f"{prefix}c{run}/m{m}" for m in range(machines)]
+            label = f"run {run + 1}/{options['runs']}: contention, {workers} processes"
             if workers > 1:
-                timings = run_in_processes(
-                    [
-                        {
-                            "kind": "contention",
-                            "database": memory.using,
-                            "lock_backend": options["lock_backend"],
-                            "ids": ids[w % machines :] + ids[: w % machines],
-                            "cycles": cycles // workers,
-                        }
-                        for w in range(workers)
-                    ]
-                )
+                with self.progress(label, None, options):
+                    timings = run_in_processes(
+                        [
+                            {
+                                "kind": "contention",
+                                "database": memory.using,
+                                "lock_backend": options["lock_backend"],
+                                "ids": ids[w % machines :] + ids[: w % machines],
+                                "cycles": cycles // workers,
+                            }
+                            for w in range(workers)
+                        ]
+                    )
             else:
                 timings = contended_cycles(memory, ids, cycles)
             checker = MachineMemory(using=memory.using, lock_backend=options["lock_backend"])
