@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from machine_memory import signals
@@ -30,7 +31,7 @@ from machine_memory.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from django.dispatch import Signal
 
@@ -84,6 +85,19 @@ def _active_tracer() -> Any:
     if not isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
         _tracer = provider.get_tracer("machine_memory")
     return _tracer
+
+
+@contextmanager
+def tracing_with(tracer: Any) -> Iterator[None]:
+    """Report spans to ``tracer`` for a while, whatever the global provider: for
+    ``machine_memory_bench --telemetry spans``, which must not configure the process for good."""
+    global _tracer
+    kept = _tracer
+    _tracer = tracer
+    try:
+        yield
+    finally:
+        _tracer = kept
 
 
 def _quiet() -> bool:

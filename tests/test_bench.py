@@ -397,3 +397,31 @@ def test_a_bench_run_leaves_no_baseline_tables(alias: str) -> None:
     assert not [
         t for t in connections[alias].introspection.table_names() if t.startswith("mm_bench_")
     ]
+
+
+@pytest.mark.parametrize("mode", ["signals", "spans"])
+def test_telemetry_listens_for_the_run_only(alias: str, mode: str) -> None:
+    from machine_memory import signals, telemetry
+
+    result = bench_json(
+        alias, "--cycles", "40", "--machines", "4", "--runs", "1", "--telemetry", mode
+    )
+    assert result["telemetry"] == mode
+    assert result["memory"]["cycles_per_second"] > 0
+    # Nothing keeps listening after the run: the rest of the process is as quiet as before.
+    assert not signals.listened
+    assert telemetry._tracer is None
+    assert telemetry._quiet()
+
+
+def test_telemetry_needs_one_worker(db_access: None) -> None:
+    with pytest.raises(CommandError, match="one worker"):
+        call_command(
+            "machine_memory_bench",
+            "--database",
+            "default",
+            "--telemetry",
+            "signals",
+            "--workers",
+            "2",
+        )

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -39,7 +40,7 @@ from machine_memory.management.arguments import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from machine_memory.memory import MachineMemory
 
@@ -185,6 +186,14 @@ class Command(BaseCommand):
             help="Also time the raw lock statement after 0, 20 and 100 µs of client-side work "
             "(how much this machine charges a statement that does not follow at once).",
         )
+        parser.add_argument(
+            "--telemetry",
+            choices=["off", "signals", "spans"],
+            default="off",
+            help="What listens while the cycles run (docs/telemetry.md): nothing; a receiver "
+            "on every signal; or spans through the OpenTelemetry SDK (installed separately), "
+            "batched and dropped. One worker only. Default off.",
+        )
         parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -196,7 +205,13 @@ class Command(BaseCommand):
             raise CommandError(
                 "--gap-probe times the bare-driver statements: no --no-raw, --contention or --http."
             )
-        with logging_for(options["verbosity"], self.stderr):
+        if options["telemetry"] != "off" and (
+            (options["workers"] or 1) > 1 or options["contention"] or options["http"] is not None
+        ):
+            raise CommandError(
+                "--telemetry listens in this process: one worker, no --contention or --http."
+            )
+        with logging_for(options["verbosity"], self.stderr), listening(options["telemetry"]):
             self.bench(options)
 
     def bench(self, options: dict[str, Any]) -> None:
@@ -253,6 +268,7 @@ class Command(BaseCommand):
             "database": alias,
             "vendor": connection.vendor,
             "lock_backend": type(memory.locks).__name__,
+            "telemetry": options.get("telemetry", "off"),
             "cycles": cycles,
             "workers": workers,
             "machines": machines,
@@ -503,7 +519,13 @@ class Command(BaseCommand):
         mode = "contention on shared ids" if result["contention"] else "distinct ids per worker"
         self.stdout.write(
             f"machine_memory_bench: {result['vendor']} {result['database']!r} ({name}), "
-            f"{result['lock_backend']}\n"
+            f"{result['lock_backend']}"
+            + (
+                ""
+                if result.get("telemetry", "off") == "off"
+                else f", telemetry: {result['telemetry']}"
+            )
+            + "\n"
             f"{result['cycles']} cycles per run, {result['workers']} worker(s), "
             f"{result['machines']} machine ids, {mode}, "
             f"median of {result['memory']['median_of']} runs"
@@ -572,3 +594,41 @@ def _row(label: str, width: int, data: dict[str, Any]) -> str:
         cell = f"{latency['p50']:.0f} / {latency['p99']:.0f}" if latency else "-"
         line += f"{cell:>22}"
     return line
+
+
+@contextmanager
+def listening(mode: str) -> Iterator[None]:
+    """Make the telemetry of ``--telemetry`` listen for the run (docs/telemetry.md)."""
+    from machine_memory import signals, telemetry
+
+    with ExitStack() as stack:
+        if mode == "signals":
+
+            def receiver(sender: Any, **kwargs: Any) -> None:
+                pass
+
+            for signal in signals.ALL:
+                signal.connect(receiver, weak=False)
+                stack.callback(signal.disconnect, receiver)
+        elif mode == "spans":
+            try:
+                from opentelemetry.sdk.trace import TracerProvider
+                from opentelemetry.sdk.trace.export import (
+                    BatchSpanProcessor,
+                    SpanExporter,
+                    SpanExportResult,
+                )
+            except ImportError as exc:
+                raise CommandError(
+                    "--telemetry spans needs the OpenTelemetry SDK: pip install opentelemetry-sdk"
+                ) from exc
+
+            class Dropped(SpanExporter):
+                def export(self, spans: Any) -> SpanExportResult:
+                    return SpanExportResult.SUCCESS
+
+            provider = TracerProvider()
+            provider.add_span_processor(BatchSpanProcessor(Dropped()))
+            stack.callback(provider.shutdown)
+            stack.enter_context(telemetry.tracing_with(provider.get_tracer("machine_memory")))
+        yield
