@@ -15,7 +15,9 @@ state written meanwhile is refused, and the page then shows the stored document
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -85,6 +87,15 @@ def lock_url(machine_id: str) -> str:
     return reverse("admin:machine_memory_machinelock_change", args=[quote(machine_id)])
 
 
+def owner_html(owner: str) -> SafeString:
+    """A lock owner cut to the column's width with an ellipsis, whole in its title.
+
+    The REST API's owners are ``"api:"`` and a 64-digit hash, long enough to push a list
+    past a laptop's screen (the CSS is in templates/admin/machine_memory/styles.html).
+    """
+    return format_html('<span class="machine-memory-owner" title="{}">{}</span>', owner, owner)
+
+
 def seconds_text(delta: datetime.timedelta) -> str:
     seconds = delta.total_seconds()
     if seconds < 120:
@@ -137,12 +148,33 @@ class UsingDatabaseAdmin(ModelAdmin):
     """Queries and writes on ``MACHINE_MEMORY['DATABASE']``; fast lists on big tables."""
 
     paginator = CappedCountPaginator
+    # The search box matches these indexed columns exactly, or by prefix when the term ends
+    # with "*" (a LIKE that scans the table): never Django's icontains over every row.
+    exact_search_fields: tuple[str, ...] = ("machine_id",)
+    # The REST API's order (cursor pagination on the id, ascending): the same rows in the
+    # same order in both, sorted by the database in the id column's collation. Without it
+    # the admin would sort by "-pk".
+    ordering = ("machine_id",)
     # Django's "N total" next to a filtered count would be a second full COUNT(*).
     show_full_result_count = False
     # Facet counts (Django >= 5.0) are one COUNT per filter choice.
     if hasattr(admin, "ShowFacets"):
         show_facets = admin.ShowFacets.NEVER
     list_per_page = 50
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        lookup, value = (
+            ("startswith", term[:-1]) if term.endswith("*") and len(term) > 1 else ("exact", term)
+        )
+        match = functools.reduce(
+            operator.or_, (Q(**{f"{field}__{lookup}": value}) for field in self.exact_search_fields)
+        )
+        return queryset.filter(match), False
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return SortableByOnlyChangeList
@@ -217,7 +249,7 @@ class IndexedValuesFilter(admin.SimpleListFilter):
         values = MachineState.objects.using(conf.DATABASE).distinct_values(
             self.field, FILTER_CHOICES
         )
-        return [(value, value) for value in values]
+        return [(value, value or '""') for value in values]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         value = self.value()
@@ -241,7 +273,7 @@ class LockStatusFilter(admin.SimpleListFilter):
     parameter_name = "lock"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> Iterable[tuple[str, str]]:
-        return [("live", "live"), ("expired", "expired"), ("none", "none")]
+        return [("live", "live"), ("expired", "expired"), ("none", "no lock")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         states = cast("MachineStateQuerySet", queryset)
@@ -321,8 +353,8 @@ class Refusal:
 class MachineStateAdmin(UsingDatabaseAdmin):
     list_display = (
         "machine_id",
-        "execution_status",
-        "source",
+        "status_text",
+        "source_text",
         "parent",
         "version",
         "updated_at",
@@ -334,6 +366,7 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     list_filter = (ExecutionStatusFilter, SourceFilter, LockStatusFilter, RootsFilter)
     # Only shows the search box: get_search_results matches exactly, on indexes.
     search_fields = ("machine_id",)
+    exact_search_fields = ("machine_id", "parent_id", "source")
     search_help_text = (
         "Exact machine id, parent id or source. End with * for a prefix (scans the table)."
     )
@@ -342,11 +375,11 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     readonly_fields = (
         "machine_id",
         "version",
-        "execution_status",
+        "status_text",
         "parent",
         "children",
-        "initiator",
-        "source",
+        "initiator_text",
+        "source_text",
         "created_at",
         "updated_at",
         "lock",
@@ -424,37 +457,43 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return not conf.ADMIN_READONLY and super().has_change_permission(request, obj)
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
-    ) -> tuple[QuerySet[Any], bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
-        if term.endswith("*") and len(term) > 1:
-            prefix = term[:-1]
-            match = (
-                Q(machine_id__startswith=prefix)
-                | Q(parent_id__startswith=prefix)
-                | Q(source__startswith=prefix)
-            )
-        else:
-            match = Q(machine_id=term) | Q(parent_id=term) | Q(source=term)
-        return queryset.filter(match), False
-
     # -- columns and fields --------------------------------------------------------------
 
-    @admin.display(description="parent", ordering="parent_id")
+    # Empty values, whatever is missing (a parent, a lock, children, a metadata column),
+    # are spelled one way: get_empty_value_display(), Django's empty_value_display.
+
+    def text_or_empty(self, value: str | None) -> str:
+        """A metadata column's value: NULL (unknown) as every empty value, "" visibly."""
+        if value is None:
+            return self.get_empty_value_display()
+        return value or '""'
+
+    @admin.display(description="execution status")
+    def status_text(self, obj: MachineState) -> str:
+        return self.text_or_empty(obj.execution_status)
+
+    @admin.display(description="source")
+    def source_text(self, obj: MachineState) -> str:
+        return self.text_or_empty(obj.source)
+
+    @admin.display(description="initiator")
+    def initiator_text(self, obj: MachineState) -> str:
+        return self.text_or_empty(obj.initiator)
+
+    @admin.display(description="parent")
     def parent(self, obj: MachineState) -> str:
-        if obj.parent_id is None:
-            return "—"
+        if not obj.parent_id:  # no parent, or "" (no machine's id)
+            return self.text_or_empty(obj.parent_id)
         return format_html('<a href="{}">{}</a>', state_url(obj.parent_id), obj.parent_id)
 
     @admin.display(description="lock")
     def lock_status(self, obj: MachineState) -> str:
         owner = getattr(obj, "lock_owner", None)
         if owner is None:
-            return "none"
-        return f"{'live' if getattr(obj, 'lock_live', False) else 'expired'} ({owner})"
+            return self.get_empty_value_display()
+        status = "live" if getattr(obj, "lock_live", False) else "expired"
+        # The owner under the status: a column as narrow as the owner's cut.
+        return format_html("{}<br>{}", status, owner_html(owner))
 
     @admin.display(description="children")
     def children(self, obj: MachineState) -> str:
@@ -465,7 +504,7 @@ class MachineStateAdmin(UsingDatabaseAdmin):
             .values_list("pk", flat=True)[: CHILDREN_SHOWN + 1]
         )
         if not ids:
-            return "—"
+            return self.get_empty_value_display()
         links = format_html_join(
             ", ", '<a href="{}">{}</a>', ((state_url(i), i) for i in ids[:CHILDREN_SHOWN])
         )
@@ -479,11 +518,7 @@ class MachineStateAdmin(UsingDatabaseAdmin):
     def pretty_state(self, obj: MachineState) -> str:
         text = json.dumps(obj.state, indent=2, ensure_ascii=False, sort_keys=True)
         # format_html escapes the document: a state may hold any text, markup included.
-        return format_html(
-            '<pre class="machine-memory-state" style="white-space: pre-wrap; margin: 0; '
-            'max-height: 40em; overflow: auto">{}</pre>',
-            text,
-        )
+        return format_html('<pre class="machine-memory-state">{}</pre>', text)
 
     @admin.display(description="lock")
     def lock(self, obj: MachineState) -> str:
@@ -497,14 +532,15 @@ class MachineStateAdmin(UsingDatabaseAdmin):
         mem = memory()
         try:
             if mem.locks.supports_listing:
-                return "none"  # the lock rows are the whole truth, and there is none
+                # The lock rows are the whole truth, and there is none.
+                return self.get_empty_value_display()
             info = mem.lock_info(obj.machine_id)
         except LockError as exc:
             return f"unknown: {exc}"
         finally:
             mem.close()
-        if info is None:
-            return "none live"
+        if info is None:  # none live (this backend keeps no expired locks)
+            return self.get_empty_value_display()
         return (
             f"live: {info.owner}, token {info.token}, acquired {when(info.acquired_at)}"
             f", expires {when(info.expires_at)}"
@@ -615,7 +651,7 @@ class MachineLockAdmin(UsingDatabaseAdmin):
     list_display = (
         "machine_id",
         "state_link",
-        "owner",
+        "owner_text",
         "token",
         "acquired_at",
         "expires_at",
@@ -625,13 +661,14 @@ class MachineLockAdmin(UsingDatabaseAdmin):
     sortable_by = ("machine_id",)
     list_filter = (LockLiveFilter,)
     search_fields = ("machine_id",)
-    search_help_text = "Exact machine id."
+    search_help_text = "Exact machine id. End with * for a prefix (scans the table)."
     actions = ("release_locks", "purge_expired")
     fields = ("machine_id", "state_link", "owner", "token", "acquired_at", "expires_at", "status")
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
-        return cast("MachineLockQuerySet", super().get_queryset(request)).with_clock()
+        locks = cast("MachineLockQuerySet", super().get_queryset(request))
+        return locks.with_clock().with_state()
 
     # A lock row is only ever changed by lock()/unlock()/extend() (an edit would break
     # fencing), and deleting one could drop the token high-water row: release and purge
@@ -645,15 +682,15 @@ class MachineLockAdmin(UsingDatabaseAdmin):
     def has_purge_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("machine_memory.delete_machinelock")
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
-    ) -> tuple[QuerySet[Any], bool]:
-        term = search_term.strip()
-        return (queryset.filter(machine_id=term) if term else queryset), False
-
     @admin.display(description="state")
-    def state_link(self, obj: MachineLock) -> SafeString:
+    def state_link(self, obj: MachineLock) -> str:
+        if not obj.has_state:  # type: ignore[attr-defined]
+            return self.get_empty_value_display()
         return format_html('<a href="{}">state</a>', state_url(obj.machine_id))
+
+    @admin.display(description="owner")
+    def owner_text(self, obj: MachineLock) -> SafeString:
+        return owner_html(obj.owner)
 
     @admin.display(description="status")
     def status(self, obj: MachineLock) -> str:
@@ -662,7 +699,9 @@ class MachineLockAdmin(UsingDatabaseAdmin):
     @admin.display(description="time left")
     def time_left(self, obj: MachineLock) -> str:
         left = obj.expires_at - obj.db_now  # type: ignore[attr-defined]
-        return seconds_text(left) if left > datetime.timedelta(0) else "—"
+        if left <= datetime.timedelta(0):
+            return self.get_empty_value_display()
+        return seconds_text(left)
 
     @admin.action(
         description="Purge the selected locks if expired (keeps the token high-water row)",

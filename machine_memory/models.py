@@ -313,6 +313,12 @@ class MachineLockQuerySet(BatchedQuerySet["MachineLock"]):
         """Annotate ``db_now``, the database's clock, so "time left" needs no other query."""
         return self.annotate(db_now=StorageNow())
 
+    def with_state(self) -> MachineLockQuerySet:
+        """Annotate ``has_state``: whether the machine has a stored state (a lock is often
+        taken before the first write). One correlated primary-key probe per row fetched."""
+        states = MachineState.objects.filter(pk=models.OuterRef("pk"))
+        return self.annotate(has_state=models.Exists(states))
+
     def deletable(self) -> MachineLockQuerySet:
         """These locks, minus the one row that must never be deleted, if there is one.
 

@@ -18,13 +18,15 @@ from django.core.checks import Error
 from django.db import connections
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
-from django.urls import reverse
+from django.urls import include, path, reverse
 
 from machine_memory import MachineMemory, admin
 from machine_memory.checks import check_settings
 from machine_memory.locks.base import LockBackend
 from machine_memory.models import MachineLock, MachineState, StorageTime
+from tests import urls
 from tests.support import new_id
+from tests.test_clock import SKEWS, app_clock_moved
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -34,6 +36,13 @@ if TYPE_CHECKING:
 
 STATES = reverse("admin:machine_memory_machinestate_changelist")
 LOCKS = reverse("admin:machine_memory_machinelock_changelist")
+API = "/api/machine-memory"
+
+# The URLconf of the tests that compare the admin with the REST API (pytest.mark.urls).
+urlpatterns = [
+    *urls.urlpatterns,
+    path("api/machine-memory/", include("machine_memory.contrib.rest_framework.urls")),
+]
 
 
 def state_url(machine_id: str) -> str:
@@ -85,10 +94,29 @@ def action(client: Client, url: str, name: str, ids: list[str], **extra: Any) ->
 
 def listed(response: Any) -> set[str]:
     """The ids in the first column of a change list."""
+    return set(listed_in_order(response))
+
+
+def listed_in_order(response: Any) -> list[str]:
     found = re.findall(
         r'<th class="field-machine_id"><a href="[^"]*">([^<]*)</a></th>', text(response)
     )
-    return {html.unescape(machine_id) for machine_id in found}
+    return [html.unescape(machine_id) for machine_id in found]
+
+
+def cells(response: Any) -> dict[str, str]:
+    """A one-row change list's cells (list_display name: HTML), the id column left out."""
+    return dict(re.findall(r'<td class="field-(\w+)[^"]*">(.*?)</td>', text(response), re.DOTALL))
+
+
+def fields(response: Any) -> dict[str, str]:
+    """A change page's read-only fields (name: HTML)."""
+    rows = re.findall(
+        r'<div class="form-row[^"]* field-(\w+)[^"]*">.*?<div class="readonly">(.*?)</div>',
+        text(response),
+        re.DOTALL,
+    )
+    return dict(rows)
 
 
 def messages_of(response: Any) -> list[str]:
@@ -168,9 +196,11 @@ def test_state_list_columns_and_lock_status(routed: str, superuser: Client) -> N
         if html.escape(machine_id) in row.split("</th>")[0]
     }
     assert set(rows) == {parent, live, expired}
-    assert f"live ({holder.owner})" in rows[live]
-    assert f"expired ({holder.owner})" in rows[expired]
-    assert ">none<" in rows[parent]
+    # The owner under the status, cut to the column with an ellipsis, whole in its title.
+    owner = f'<span class="machine-memory-owner" title="{holder.owner}">{holder.owner}</span>'
+    assert f"live<br>{owner}" in rows[live]
+    assert f"expired<br>{owner}" in rows[expired]
+    assert 'class="field-lock_status">-<' in rows[parent]
     assert "running" in rows[live] and source in rows[live]
     assert f'href="{state_url(parent)}"' in rows[live]  # the parent column links to it
     assert "3 machine states" in page
@@ -267,6 +297,53 @@ def test_state_list_sorts_only_by_the_primary_key(routed: str, superuser: Client
     [page_query] = [q["sql"] for q in captured.captured_queries if "ORDER BY" in q["sql"]
                     and "lock_owner" in q["sql"]]  # fmt: skip
     assert "execution_status" not in page_query.split("ORDER BY")[-1]
+
+
+# Ids that sort differently by bytes, by case-folding and by a language's collation: the
+# admin and the API list them however the database orders the id column, in the same order.
+ORDER_SUFFIXES = ["b", "B", "a", "a/b", "a-b", "a b", "a.b", "_x", "é", "e", "Z", "10", "9", "~"]
+
+
+def api_ids(client: Any, url: str, **params: Any) -> list[str]:
+    """Every id a cursor-paginated list of the REST API returns, in its order."""
+    found: list[str] = []
+    next_url: str | None = url
+    while next_url is not None:
+        page = json.loads(client.get(next_url, params).content)
+        found += [row["id"] for row in page["results"]]
+        next_url, params = page["next"], {}
+    return found
+
+
+@pytest.mark.urls(__name__)
+def test_lists_are_in_the_order_of_the_rest_api(routed: str, superuser: Client) -> None:
+    from rest_framework.test import APIClient
+
+    prefix = new_id("ord")
+    ids = [f"{prefix}/{suffix}" for suffix in ORDER_SUFFIXES]
+    holder = MachineMemory(using=routed)
+    for machine_id in ids:
+        holder.write(machine_id, {"a": 1}, None)
+        assert holder.lock(machine_id, ttl=60)
+    try:
+        api = APIClient()
+        api.force_authenticate(User.objects.create_user(new_id("api"), is_staff=True))
+        states = api_ids(api, f"{API}/states/", prefix=prefix, page_size=5)
+        assert sorted(states) == sorted(ids)
+        # The admin's default order: the API's (by the id, ascending).
+        assert listed_in_order(superuser.get(STATES, {"q": f"{prefix}*"})) == states
+        # The id's column sorted descending is the same order backwards.
+        assert listed_in_order(superuser.get(STATES, {"q": f"{prefix}*", "o": "-1"})) == [
+            *reversed(states)
+        ]
+        # Live locks, as the API lists them (all of them: it has no prefix filter).
+        locks = [i for i in api_ids(api, f"{API}/locks/", page_size=500) if i.startswith(prefix)]
+        assert locks == states
+        page = superuser.get(LOCKS, {"q": f"{prefix}*", "live": "yes"})
+        assert listed_in_order(page) == locks
+    finally:
+        for machine_id in ids:
+            holder.unlock(machine_id)
 
 
 # -- the state page ----------------------------------------------------------------------
@@ -497,13 +574,15 @@ def test_release_action_releases_only_the_selected_lock(
     assert first.lock(selected, ttl=60)
     assert second.lock(other, ttl=60)
     token = first.held_token(selected)
+    before = second.lock_info(other)
     response = action(superuser, url, "release_locks", [selected])
     [message] = messages_of(response)
     assert message == f"Released 1 lock(s): {selected} (held by {first.owner}, token {token})."
     assert first.lock_info(selected) is None
     assert first.extend(selected) is False
+    # The other lock is untouched: same holder, same token, same expiry.
     info = second.lock_info(other)
-    assert info is not None and info.owner == second.owner
+    assert info is not None and info == before and info.owner == second.owner
     assert info.token == second.held_token(other)
     assert second.extend(other) is True
     # The other lock is still its holder's to release.
@@ -593,12 +672,50 @@ def test_lock_list_shows_time_left_by_the_database_clock(routed: str, superuser:
     left = re.search(r'class="field-time_left">([\d.]+) s<', page)
     assert left and 80 < float(left[1]) <= 90
     page = text(superuser.get(LOCKS, {"q": expired}))
-    assert ">expired<" in page and 'class="field-time_left">—<' in page
+    assert ">expired<" in page and 'class="field-time_left">-<' in page
     assert listed(superuser.get(LOCKS, {"live": "yes", "q": live})) == {live}
     assert listed(superuser.get(LOCKS, {"live": "no", "q": live})) == set()
     assert listed(superuser.get(LOCKS, {"live": "no", "q": expired})) == {expired}
     page = text(superuser.get(lock_url(live)))
     assert holder.owner in page and 'name="_save"' not in page
+    assert holder.unlock(live)
+
+
+@SKEWS
+def test_lock_filters_status_and_purge_follow_the_database_clock(
+    routed: str, superuser: Client, skew: float
+) -> None:
+    # With the application's clock an hour ahead, judging by it would list a lock with a
+    # minute left as expired (and purge it); an hour behind, one that expired a minute ago
+    # as live (and keep it).
+    holder = MachineMemory(using=routed)
+    expired, live = write(routed, {"a": 1}), write(routed, {"a": 2})
+    assert holder.lock(expired)
+    assert holder.unlock(expired)
+    MachineLock.objects.using(routed).filter(pk=expired).update(expires_at=StorageTime(-60))
+    assert holder.lock(live, ttl=90)  # the token high-water row (SQLite keeps it) is live
+    with app_clock_moved(skew):
+        for machine_id, status in ((live, "yes"), (expired, "no")):
+            assert listed(superuser.get(LOCKS, {"live": status, "q": machine_id})) == {machine_id}
+            other = "no" if status == "yes" else "yes"
+            assert listed(superuser.get(LOCKS, {"live": other, "q": machine_id})) == set()
+        page = text(superuser.get(LOCKS, {"q": live}))
+        assert ">live<" in page
+        left = re.search(r'class="field-time_left">([\d.]+) s<', page)
+        assert left and 60 < float(left[1]) <= 90
+        page = text(superuser.get(LOCKS, {"q": expired}))
+        assert ">expired<" in page and 'class="field-time_left">-<' in page
+        # The state list's lock filter.
+        for machine_id, status in ((live, "live"), (expired, "expired")):
+            assert listed(superuser.get(STATES, {"lock": status, "q": machine_id})) == {machine_id}
+            other = "expired" if status == "live" else "live"
+            assert listed(superuser.get(STATES, {"lock": other, "q": machine_id})) == set()
+        response = action(superuser, LOCKS, "purge_expired", [live, expired])
+        assert messages_of(response) == ["Purged 1 expired lock(s)."]
+        rows = MachineLock.objects.using(routed).filter(pk__in=[live, expired])
+        assert set(rows.values_list("pk", flat=True)) == {live}
+    info = holder.lock_info(live)
+    assert info is not None and info.owner == holder.owner
     assert holder.unlock(live)
 
 
@@ -637,7 +754,8 @@ def test_purge_needs_the_lock_delete_permission(routed: str) -> None:
     holder = MachineMemory(using=routed)
     assert holder.lock(expired)
     assert holder.unlock(expired)
-    assert holder.lock(new_id("lk"))  # the high-water row is someone else's
+    high_water = new_id("lk")
+    assert holder.lock(high_water)  # the high-water row is someone else's
     MachineLock.objects.using(routed).filter(pk=expired).update(expires_at=StorageTime(-60))
     client = user("view_machinelock", "change_machinelock")
     action(client, LOCKS, "purge_expired", [expired])
@@ -645,6 +763,7 @@ def test_purge_needs_the_lock_delete_permission(routed: str) -> None:
     client = user("view_machinelock", "delete_machinelock")
     action(client, LOCKS, "purge_expired", [expired])
     assert not MachineLock.objects.using(routed).filter(pk=expired).exists()
+    assert holder.unlock(high_water)
 
 
 # -- ADMIN_READONLY ---------------------------------------------------------------------
@@ -773,3 +892,80 @@ def test_the_delete_action_leaves_states_with_a_live_lock(routed: str, superuser
         assert MachineState.objects.using(routed).filter(pk=locked).exists()
     finally:
         assert holder.unlock(locked)
+
+
+# -- empty values: one spelling -------------------------------------------------------------
+
+# What an empty value must not look like: the spellings the admin used before (issue 12).
+OTHER_SPELLINGS = {"", "&nbsp;", "—", "None", "none", "(none)", "none live"}
+
+
+@pytest.mark.parametrize("spelling", [None, "∅"], ids=["django-default", "site-setting"])
+def test_every_empty_value_is_spelled_as_the_admin_site_says(
+    routed: str, superuser: Client, monkeypatch: pytest.MonkeyPatch, spelling: str | None
+) -> None:
+    from django.contrib.admin import site
+
+    if spelling is not None:
+        monkeypatch.setattr(site, "empty_value_display", spelling)
+    empty = site.empty_value_display  # Django's own: "-"
+    # No status, source, initiator, parent, children or lock.
+    bare = write(routed, {"a": 1})
+    row = cells(superuser.get(STATES, {"q": bare}))
+    for column in ("status_text", "source_text", "parent", "lock_status"):
+        assert row[column] == empty, (column, row)
+    page = fields(superuser.get(state_url(bare)))
+    for field in ("status_text", "source_text", "initiator_text", "parent", "children", "lock"):
+        assert page[field].strip() == empty, (field, page)
+    # A lock on a machine with no state, expired: no state to link to, no time left.
+    lonely = new_id("lk")
+    holder = MachineMemory(using=routed)
+    assert holder.lock(lonely)
+    assert holder.unlock(lonely)
+    row = cells(superuser.get(LOCKS, {"q": lonely}))
+    assert row["state_link"] == empty and row["time_left"] == empty, row
+    assert fields(superuser.get(lock_url(lonely)))["state_link"].strip() == empty
+    for shown in [*row.values(), *page.values()]:
+        assert shown.strip() not in OTHER_SPELLINGS - {empty}
+    # A lock backend with no table of locks (Redis), asked for the state's own page.
+    backend = {"DATABASE": routed, "LOCK_BACKEND": f"{__name__}.NoLocksHeld"}
+    with override_settings(MACHINE_MEMORY=backend):
+        assert fields(superuser.get(state_url(bare)))["lock"].strip() == empty
+
+
+class NoLocksHeld(NoForceRelease):
+    """A lock backend that lists nothing and holds no lock (as Redis with none live)."""
+
+    def info(self, machine_id: str) -> LockInfo | None:
+        return None
+
+
+def test_empty_strings_are_shown_apart_from_absent_values(routed: str, superuser: Client) -> None:
+    # A worker may write "" as a status, source or parent; NULL means it said nothing.
+    machine_id = write(
+        routed, {"executionStatus": "", "source": "", "parentSubject": "", "initiator": ""}
+    )
+    quoted = html.escape('""')
+    response = superuser.get(STATES, {"q": machine_id})
+    assert response.status_code == 200
+    row = cells(response)
+    for column in ("status_text", "source_text", "parent"):
+        assert row[column] == quoted, (column, row)
+    page = fields(superuser.get(state_url(machine_id)))
+    for field in ("status_text", "source_text", "parent", "initiator_text"):
+        assert page[field].strip() == quoted, (field, page)
+    # The filters offer "" by that name too.
+    assert f">{quoted}</a>" in text(superuser.get(STATES))
+
+
+def test_lock_list_links_only_to_states_that_exist(routed: str, superuser: Client) -> None:
+    stateful, lonely = write(routed, {"a": 1}), new_id("lk")
+    holder = MachineMemory(using=routed)
+    for machine_id in (stateful, lonely):
+        assert holder.lock(machine_id)
+        assert holder.unlock(machine_id)
+    assert (
+        f'href="{state_url(stateful)}"'
+        in cells(superuser.get(LOCKS, {"q": stateful}))["state_link"]
+    )
+    assert cells(superuser.get(LOCKS, {"q": lonely}))["state_link"] == "-"
