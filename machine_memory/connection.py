@@ -4,7 +4,7 @@ The memory's few fixed statements run on the DB-API cursor rather than Django's 
 wrapper, which costs more per statement than a small statement takes on SQLite
 (docs/design.md#the-drivers-cursor). Everything else stays Django's: settings,
 transactions, reconnects, and the ``django.db`` exception classes, because callers run
-statements inside ``connection.wrap_database_errors``. Whenever Django would show a
+statements inside ``Dialect.errors()`` (Django's ``wrap_database_errors``). Whenever Django would show a
 statement to someone (``DEBUG`` query logging, ``connection.execute_wrapper()``), the
 cursor is wrapped so that ours are shown too (``ObservedCursor``).
 """
@@ -50,7 +50,7 @@ def prepared_statements(connection: BaseDatabaseWrapper) -> bool:
 def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
     """A DB-API cursor of ``connection``, connecting first if needed.
 
-    Call it inside ``connection.wrap_database_errors``.
+    Call it inside ``dialect.errors(connection)`` (``Dialect.errors``).
     """
     # What Django's cursor() does first: with CONN_HEALTH_CHECKS, a persistent connection
     # is checked once per request (a flag afterwards) and replaced if the server dropped

@@ -68,12 +68,12 @@ class DatabaseLockBackend(LockBackend):
 
     def acquire(self, machine_id: str, owner: str, ttl: float) -> int | None:
         connection = self.connection()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.acquire(cursor_for(connection), machine_id, owner, ttl)
 
     def release(self, machine_id: str, owner: str) -> bool:
         connection = self.connection()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             cursor = cursor_for(connection)
             if self.dialect.release(cursor, machine_id, owner):
                 return True
@@ -82,20 +82,20 @@ class DatabaseLockBackend(LockBackend):
 
     def force_release(self, machine_id: str) -> LockInfo | None:
         connection = self.connection()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             row = self.dialect.force_release(cursor_for(connection), machine_id)
         return None if row is None else lock_info(connection, row)
 
     def extend(self, machine_id: str, owner: str, token: int, ttl: float) -> bool:
         connection = self.connection()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.extend(cursor_for(connection), machine_id, owner, token, ttl)
 
     def info(self, machine_id: str) -> LockInfo | None:
         # On the driver's cursor, like the hot path: an ORM query would cost ten times the
         # round trip, and the REST API reads the lock it has just acquired.
         connection = connections[self.alias]
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             row = self.dialect.live_lock(cursor_for(connection), machine_id)
         return None if row is None else lock_info(connection, row)
 
@@ -104,7 +104,7 @@ class DatabaseLockBackend(LockBackend):
 
     def is_lost(self, machine_id: str, owner: str, token: int) -> bool:
         connection = connections[self.alias]
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.lock_token(cursor_for(connection), machine_id) != token
 
     def recover(self) -> None:

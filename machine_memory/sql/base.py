@@ -13,6 +13,7 @@ from machine_memory.locks.base import Fence
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable
+    from contextlib import AbstractContextManager
 
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -60,6 +61,15 @@ class Dialect:
 
     def __init__(self) -> None:
         self._statements: dict[Hashable, str] = {}
+
+    def errors(self, connection: BaseDatabaseWrapper) -> AbstractContextManager[None]:
+        """Where the driver's exceptions become Django's, around every hot statement.
+
+        Django's cursor wrapper does that (``connection.wrap_database_errors``); the hot
+        path runs on the driver's cursor, so a vendor whose driver misfiles errors (as
+        Django's own wrapper corrects on MySQL) corrects them here.
+        """
+        return connection.wrap_database_errors
 
     def native(self, sql: str) -> str:
         """Django-spelled SQL in the driver's own paramstyle (psycopg and mysqlclient: same)."""

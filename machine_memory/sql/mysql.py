@@ -12,11 +12,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from django.core.checks import Warning
+from django.db import IntegrityError, OperationalError
 
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
@@ -28,12 +31,43 @@ TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 ER_NO_SUCH_THREAD = 1094
 
 
+# Server errors that refuse a statement by a rule of the schema, which mysqlclient reports
+# as OperationalError, the class of a lost connection: a NOT NULL column (1048), a value out
+# of range (1690), a CHECK constraint (3819 on MySQL, 4025 on MariaDB), as Django's MySQL
+# cursor wrapper files them (DatabaseWrapper.codes_for_integrityerror), and a trigger's
+# SIGNAL (1644). Left as they are, a refused write would be handled as a broken connection.
+REFUSALS = frozenset({1048, 1690, 3819, 4025, 1644})
+
+
+class _FiledAsDjangoDoes:
+    """``connection.wrap_database_errors``, then the refusals above as ``IntegrityError``."""
+
+    __slots__ = ("_wrapper",)
+
+    def __init__(self, wrapper: AbstractContextManager[None]) -> None:
+        self._wrapper = wrapper
+
+    def __enter__(self) -> None:
+        self._wrapper.__enter__()
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        try:
+            self._wrapper.__exit__(kind, value, traceback)
+        except OperationalError as exc:
+            if exc.args and exc.args[0] in REFUSALS:
+                raise IntegrityError(*exc.args) from value
+            raise
+
+
 class MySQLDialect(Dialect):
     vendor = "mysql"
     # Django stores naive UTC datetimes on MySQL; CURRENT_TIMESTAMP would follow the
     # session time zone.
     now_sql = "UTC_TIMESTAMP(6)"
     from_nothing = " FROM DUAL"
+
+    def errors(self, connection: BaseDatabaseWrapper) -> AbstractContextManager[None]:
+        return _FiledAsDjangoDoes(connection.wrap_database_errors)
 
     def check_settings(self, alias: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
         # Under REPEATABLE READ, InnoDB takes shared locks on the lock row that a fenced

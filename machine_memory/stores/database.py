@@ -58,7 +58,7 @@ class DatabaseStateStore(StateStore):
 
     def load(self, machine_id: str) -> Stored | None:
         connection = self.connection
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             row = self.dialect.read(cursor_for(connection), machine_id)
         return None if row is None else Stored(*row)
 
@@ -67,7 +67,7 @@ class DatabaseStateStore(StateStore):
         connection = self.connection
         if connection.connection is None:
             try:
-                with connection.wrap_database_errors:
+                with self.dialect.errors(connection):
                     connection.ensure_connection()
             except self.errors as exc:
                 raise NothingSent(str(exc)) from exc
@@ -75,21 +75,21 @@ class DatabaseStateStore(StateStore):
 
     def insert(self, machine_id: str, text: str, meta: Metadata, fence: Fence) -> bool:
         connection = self._connected()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.insert_state(cursor_for(connection), machine_id, text, meta, fence)
 
     def update(
         self, machine_id: str, text: str, expected_version: int, meta: Metadata | None, fence: Fence
     ) -> bool:
         connection = self._connected()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.update_state(
                 cursor_for(connection), machine_id, text, expected_version, meta, fence
             )
 
     def delete(self, machine_id: str, expected_version: int, fence: Fence) -> bool:
         connection = self._connected()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.delete_state(
                 cursor_for(connection), machine_id, expected_version, fence
             )
@@ -98,7 +98,7 @@ class DatabaseStateStore(StateStore):
         from machine_memory.locks.database import lock_info
 
         connection = self.connection
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             taken = self.dialect.acquire_and_read(cursor_for(connection), machine_id, owner, ttl)
         if taken is None:
             return None
@@ -118,7 +118,7 @@ class DatabaseStateStore(StateStore):
         token: int,
     ) -> tuple[bool, bool]:
         connection = self._connected()
-        with connection.wrap_database_errors:
+        with self.dialect.errors(connection):
             return self.dialect.write_and_release(
                 cursor_for(connection), machine_id, text, expected_version, meta, token
             )
@@ -129,7 +129,7 @@ class DatabaseStateStore(StateStore):
 
         with transaction.atomic(using=self.alias):
             connection = self.connection
-            with connection.wrap_database_errors:
+            with self.dialect.errors(connection):
                 # SQLite has no row locks: there the transaction takes the database's write
                 # lock first, so nobody writes between the read and the change.
                 self.dialect.reserve_writes(cursor_for(connection))
@@ -182,9 +182,9 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
         # server notices the client is gone.
         connection = connections.create_connection(connection.alias)
         try:
-            with connection.wrap_database_errors:
+            with dialect.errors(connection):
                 return dialect.end_session(cursor_for(connection), session, SESSION_END_TIMEOUT)
         finally:
             connection.close()
-    with connection.wrap_database_errors:
+    with dialect.errors(connection):
         return dialect.end_session(cursor_for(connection), session, SESSION_END_TIMEOUT)
