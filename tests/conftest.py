@@ -1,23 +1,65 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from django.conf import settings
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.test import override_settings
 from django.test.utils import setup_databases, teardown_databases
 
 from machine_memory import MachineMemory
+from machine_memory.models import MachineLock, StorageNow
 from tests.faultproxy import FaultProxy
 from tests.support import VENDOR_IDS, enable_sqlite_pragmas, in_ci, new_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from redis import Redis
+
 enable_sqlite_pragmas()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A misspelt alias would otherwise be dropped silently, and the run would test nothing on
+    # the database it was meant for.
+    unknown = [a for a in settings.SELECTED_DATABASES if a not in settings.MEMORY_DATABASES]
+    if unknown or not settings.SELECTED_DATABASES:
+        raise pytest.UsageError(
+            f"MM_TEST_DATABASES={os.environ.get('MM_TEST_DATABASES', '')!r} "
+            + (f"names no such alias: {', '.join(unknown)}" if unknown else "names no alias")
+            + f". Give a comma-separated list of {', '.join(settings.MEMORY_DATABASES)}."
+        )
+
+
+# Whether a test's own run (the "call" phase) failed: its teardown then spares it the report
+# of the locks it left, which its failure explains.
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Every SQLite file of this run (tests/settings.py names them after RUN_ID): Django
+    # removes the test database's main file but not its -wal and -shm, and the reachability
+    # check's connection creates the non-test "default" database. trylast: after pytest's
+    # own hook, which tears the session fixtures down when a run stops early (-x, Ctrl-C),
+    # so django_db_setup has closed and destroyed its databases by then.
+    for path in settings.TMP.glob(f"*machine_memory_{settings.RUN_ID}.sqlite3*"):
+        path.unlink(missing_ok=True)
+
 
 # alias -> why it cannot be used in this run (unreachable server)
 UNAVAILABLE: dict[str, str] = {}
@@ -37,7 +79,7 @@ def _reachable(alias: str) -> str | None:
 def django_db_setup(django_db_blocker: Any) -> Iterator[None]:
     with django_db_blocker.unblock():
         aliases = []
-        for alias in set(VENDOR_IDS) - set(settings.REAL_DATABASES):
+        for alias in set(VENDOR_IDS) - set(settings.SELECTED_DATABASES):
             UNAVAILABLE[alias] = f"{alias} not selected by MM_TEST_DATABASES"
         for alias in settings.REAL_DATABASES:
             reason = _reachable(alias)
@@ -46,7 +88,7 @@ def django_db_setup(django_db_blocker: Any) -> Iterator[None]:
             elif in_ci():
                 pytest.exit(f"CI is set and a database is down: {reason}", returncode=3)
             else:
-                UNAVAILABLE[alias] = reason
+                UNAVAILABLE.setdefault(alias, reason)
         old = setup_databases(
             verbosity=0, interactive=False, aliases=dict.fromkeys(aliases), serialized_aliases=set()
         )
@@ -73,12 +115,116 @@ def _end_stray_sessions(aliases: list[str]) -> None:
 
 
 @pytest.fixture
-def db_access(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
-    """Real autocommit connections (no wrapping test transaction): ids are unique per test."""
+def db_access(
+    request: pytest.FixtureRequest, django_db_setup: None, django_db_blocker: Any
+) -> Iterator[None]:
+    """Real autocommit connections (no wrapping test transaction): ids are unique per test.
+
+    A test must release the locks it takes: one still live when it ends fails it (see
+    ``_fail_on_live_locks``), since the tables and Redis databases are shared by the whole run.
+    """
     with django_db_blocker.unblock():
-        yield
-        for connection in connections.all():
-            connection.close()
+        try:
+            yield
+            _fail_on_live_locks(request)
+        finally:
+            for connection in connections.all():
+                connection.close()
+
+
+# -- live locks left behind --------------------------------------------------------------------
+
+
+def _databases_used(request: pytest.FixtureRequest) -> set[str]:
+    """The real aliases a test used: its parameter, and those connected in this thread.
+
+    Not every alias every time: connecting to each server after every test would cost more
+    than the check is worth.
+    """
+    values = request.node.funcargs
+    used = {values["alias"]} if isinstance(values.get("alias"), str) else set()
+    if isinstance(values.get("proxied"), ProxiedDatabase):
+        used.add(values["proxied"].real)
+    if "sqlite_short" in values:
+        used.add("default")
+    for alias in settings.REAL_DATABASES:
+        if alias not in UNAVAILABLE and connections[alias].connection is not None:
+            used.add(alias)
+    return {alias for alias in used if alias in settings.REAL_DATABASES}
+
+
+def _live_database_locks(alias: str) -> list[str]:
+    """Expire and name the live lock rows of ``alias``."""
+
+    def live() -> list[str]:
+        rows = MachineLock.objects.using(alias).live()
+        found = list(rows.values_list("pk", "owner"))
+        if found:
+            # Expired at once, so that the tests that follow do not see them.
+            rows.filter(pk__in=[pk for pk, _ in found]).update(expires_at=StorageNow())
+        return [f"{alias}: {pk} held by {owner}" for pk, owner in found]
+
+    try:
+        return live()
+    except DatabaseError:
+        # A test may end with its connection broken (the fault tests kill them).
+        connections[alias].close()
+        return live()
+
+
+def _redis_client(cache: str) -> Redis | None:
+    from django_redis import get_redis_connection
+    from redis.exceptions import RedisError
+
+    client: Redis = get_redis_connection(cache, write=True)
+    try:
+        client.ping()
+    except RedisError:
+        return None
+    return client
+
+
+def _redis_locks(cache: str, owner_prefix: bytes = b"") -> list[bytes]:
+    """The live lock keys (machine_memory.locks.redis: the key exists while the lock lives),
+    of owners whose name starts with ``owner_prefix``."""
+    client = _redis_client(cache)
+    if client is None:
+        return []
+    keys = sorted(client.scan_iter(match=b"*machine_memory:lock:*", count=1000))
+    if not keys or not owner_prefix:
+        return keys
+    # A lock's value is "token:acquired:expires:nonce:owner" (machine_memory.locks.redis).
+    values = cast("list[bytes | None]", client.mget(keys))  # no decode_responses here
+    return [
+        key
+        for key, value in zip(keys, values, strict=True)
+        if value is not None and value.split(b":", 4)[-1].startswith(owner_prefix)
+    ]
+
+
+def _fail_on_live_locks(request: pytest.FixtureRequest) -> None:
+    left = [
+        lock for alias in sorted(_databases_used(request)) for lock in _live_database_locks(alias)
+    ]
+    # The "redis" cache's database is this run's own (flushed when it starts): every live lock
+    # there is a leak. The "redis_faults" database is shared with other runs: only the locks
+    # of this process's owners (MachineMemory's default owner, "<host>:<pid>:<random>").
+    leaked: dict[str, list[bytes]] = {}
+    if "redis_cache" in request.fixturenames:
+        leaked["redis"] = _redis_locks("redis")
+    if {"redis_faults", "redis_proxy"} & set(request.fixturenames):
+        ours = f"{socket.gethostname()}:{os.getpid()}:".encode()
+        leaked["redis_faults"] = _redis_locks("redis_faults", ours)
+    for cache, keys in leaked.items():
+        if keys:
+            client = _redis_client(cache)
+            assert client is not None
+            client.delete(*keys)
+            left += [f"{cache}: {key.decode(errors='replace')}" for key in keys]
+    if left and not request.node.stash.get(CALL_FAILED, False):
+        pytest.fail(
+            "The test left live locks behind (now expired): " + "; ".join(left), pytrace=False
+        )
 
 
 @pytest.fixture(params=list(VENDOR_IDS), ids=list(VENDOR_IDS.values()))

@@ -110,12 +110,20 @@ DATABASES: dict[str, dict[str, Any]] = {
     },
 }
 
-# The aliases that hold real databases (the others are created by nobody).
-# MM_TEST_DATABASES=default,postgres narrows a run (the CI matrix does); the rest are skipped.
-REAL_DATABASES = [
-    alias
-    for alias in os.environ.get("MM_TEST_DATABASES", "default,postgres,mariadb").split(",")
-    if alias in ("default", "postgres", "mariadb")
+# The databases the memories are tested on. MM_TEST_DATABASES=default,postgres narrows a
+# run (the CI matrix does); the rest are skipped with that reason. A name that is not one of
+# these aliases ends the run at its start (tests/conftest.py), rather than testing nothing.
+MEMORY_DATABASES = ["default", "postgres", "mariadb"]
+SELECTED_DATABASES = [
+    alias.strip()
+    for alias in os.environ.get("MM_TEST_DATABASES", ",".join(MEMORY_DATABASES)).split(",")
+    if alias.strip()
+]
+# The aliases that hold real databases (the others are created by nobody). "default" always
+# does, selected or not: it holds Django's own tables (the admin tests' users and sessions),
+# and Django creates every other test database after it (TEST["DEPENDENCIES"]).
+REAL_DATABASES = ["default"] + [
+    alias for alias in MEMORY_DATABASES if alias in SELECTED_DATABASES and alias != "default"
 ]
 DOWN_DATABASES = {"default": "sqlite_down", "postgres": "postgres_down", "mariadb": "mariadb_down"}
 

@@ -112,10 +112,16 @@ def assert_error(response: TestResponse, status: int, code: str) -> dict[str, An
 
 
 class Api:
-    """A staff client of the API, with the request shapes the tests repeat."""
+    """A staff client of the API, with the request shapes the tests repeat.
+
+    It notes the locks the API grants it (``acquire``, ``post_lock``), and the ``api``
+    fixture releases those still noted when the test ends: a test leaves no live lock behind
+    (tests/conftest.py).
+    """
 
     def __init__(self, client: APIClient) -> None:
         self.client = client
+        self.granted: dict[str, str] = {}  # id: lock token
 
     def put(self, machine_id: str, data: dict[str, Any], **headers: str) -> TestResponse:
         return self.put_body(machine_id, {"data": data}, **headers)
@@ -135,10 +141,17 @@ class Api:
 
     def acquire(self, machine_id: str, ttl: float | None = None) -> dict[str, Any]:
         payload = {} if ttl is None else {"ttl": ttl}
-        response = self.client.post(lock_url(machine_id), payload, format="json")
+        response = self.post_lock(machine_id, **payload)
         assert response.status_code == 201, response.content
         acquired: dict[str, Any] = body(response)
         return acquired
+
+    def post_lock(self, machine_id: str, **options: Any) -> TestResponse:
+        """POST locks/{id}/ with ``options`` as the body, whatever the answer."""
+        response = self.client.post(lock_url(machine_id), options, format="json")
+        if response.status_code == 201:
+            self.granted[machine_id] = body(response)["lock_token"]
+        return response
 
     def lock_get(self, machine_id: str) -> TestResponse:
         return self.client.get(lock_url(machine_id))
@@ -150,7 +163,16 @@ class Api:
 
     def release(self, machine_id: str, token: str | None) -> TestResponse:
         headers = {} if token is None else {"Lock-Token": token}
-        return self.client.delete(lock_url(machine_id), headers=headers)
+        response = self.client.delete(lock_url(machine_id), headers=headers)
+        if response.status_code == 204 and token == self.granted.get(machine_id):
+            del self.granted[machine_id]
+        return response
+
+    def release_granted(self) -> None:
+        """Release the locks granted to this client and not released yet (a lock taken
+        over since stays with its new holder: 409)."""
+        for machine_id, token in list(self.granted.items()):
+            self.release(machine_id, token)
 
 
 def api_settings(alias: str, **more: Any) -> dict[str, Any]:
@@ -161,7 +183,9 @@ def api_settings(alias: str, **more: Any) -> dict[str, Any]:
 @pytest.fixture
 def api(alias: str) -> Iterator[Api]:
     with override_settings(MACHINE_MEMORY=api_settings(alias)):
-        yield Api(client_for(make_user(staff=True)))
+        client = Api(client_for(make_user(staff=True)))
+        yield client
+        client.release_granted()
 
 
 # -- states: read -----------------------------------------------------------------------
@@ -689,11 +713,17 @@ def test_racing_creates_make_one_state(api: Api, mid: str) -> None:
 
 
 def test_racing_acquires_grant_one_lock(api: Api, mid: str) -> None:
+    granted: list[str] = []
+
     def acquire(client: APIClient) -> TestResponse:
-        return client.post(lock_url(mid), {"ttl": 30}, format="json")
+        response = client.post(lock_url(mid), {"ttl": 30}, format="json")
+        if response.status_code == 201:
+            granted.append(body(response)["lock_token"])
+        return response
 
     statuses = race([acquire] * 4)
     assert sorted(statuses) == [201, 409, 409, 409], statuses
+    assert api.release(mid, granted[0]).status_code == 204
 
 
 # -- locks ------------------------------------------------------------------------------
@@ -715,7 +745,7 @@ def test_acquire_returns_a_token_that_only_it_knows(api: Api, mid: str) -> None:
     assert set(held) == {"id", "owner", "token", "acquired_at", "expires_at"}
     assert match[2] not in json.dumps(held)
 
-    again = api.client.post(lock_url(mid), {}, format="json")
+    again = api.post_lock(mid)
     assert_error(again, 409, "lock_held")
     assert match[2] not in again.content.decode()
 
@@ -732,7 +762,7 @@ def test_acquire_uses_lock_ttl_by_default(api: Api, alias: str, mid: str) -> Non
     "payload", [{"ttl": 0}, {"ttl": -1}, {"ttl": "5"}, {"ttl": True}, {"ttl": 1e9}, {"tll": 5}]
 )
 def test_lock_ttl_must_be_a_sane_number(api: Api, mid: str, payload: dict[str, Any]) -> None:
-    response = api.client.post(lock_url(mid), payload, format="json")
+    response = api.post_lock(mid, **payload)
     assert_error(response, 400, "invalid_request")
     assert_error(api.lock_get(mid), 404, "not_found")
     acquired = api.acquire(mid)

@@ -55,7 +55,7 @@ def by_id(resource: str, machine_id: str) -> str:
 
 
 def acquire(api: Api, machine_id: str, **options: Any) -> TestResponse:
-    return api.client.post(lock_url(machine_id), options, format="json")
+    return api.post_lock(machine_id, **options)
 
 
 def raw_post(api: Api, url: str, text: str) -> TestResponse:

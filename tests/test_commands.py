@@ -31,6 +31,7 @@ from machine_memory.models import (
 )
 from machine_memory.sql import dialect_for
 from tests.support import new_id
+from tests.test_clock import SKEWS, app_clock_moved
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -98,21 +99,41 @@ def test_purge_expired_locks_deletes_expired_and_keeps_live(routed: str) -> None
 
 def test_purge_expired_locks_dry_run_deletes_nothing(alias: str) -> None:
     expired = [expired_lock(alias) for _ in range(3)]
-    live_lock(alias)
+    live, holder = live_lock(alias)
     out, _ = run("purge_expired_locks", "--dry-run", "--database", alias)
     match = re.match(r"^Would purge (\d+) expired lock\(s\) from database '(\w+)' \(dry run", out)
     assert match, out
     assert int(match[1]) >= 3 and match[2] == alias
     assert lock_ids(alias, expired) == set(expired)
+    assert holder.unlock(live)
 
 
 def test_purge_expired_locks_older_than(alias: str) -> None:
     old = expired_lock(alias, ago=3600)
     recent = expired_lock(alias, ago=5)
-    live_lock(alias)
+    live, holder = live_lock(alias)
     out, _ = run("purge_expired_locks", "--older-than", "600", "--database", alias)
     assert "that expired at least 600 s ago" in out
     assert lock_ids(alias, [old, recent]) == {recent}
+    assert holder.unlock(live)
+
+
+@SKEWS
+def test_purge_expired_locks_judges_expiry_by_the_database_clock(routed: str, skew: float) -> None:
+    # Only the database's clock says what has expired. By an application clock an hour ahead
+    # the purge would delete a live lock (and with it the row its holder's writes are fenced
+    # by); an hour behind, it would keep every lock that expired within the hour.
+    old = expired_lock(routed, ago=60)
+    recent = expired_lock(routed)
+    live, holder = live_lock(routed)  # acquired last: holds the highest token
+    with app_clock_moved(skew):
+        run("purge_expired_locks", "--older-than", "30")
+        assert lock_ids(routed, [old, recent, live]) == {recent, live}
+        run("purge_expired_locks")
+        assert lock_ids(routed, [old, recent, live]) == {live}
+        info = holder.lock_info(live)
+    assert info is not None and info.owner == holder.owner
+    assert holder.unlock(live)
 
 
 def test_purge_expired_locks_keeps_the_token_high_water_row(alias: str) -> None:
@@ -196,7 +217,8 @@ def test_purge_race_a_lock_taken_again_after_selection_survives(
     claimed = claiming and claims_rows(alias)
     target = expired_lock(alias)
     others = [expired_lock(alias) for _ in range(3)]
-    live_lock(alias)  # the token high-water row (SQLite keeps it) is a live lock, not ours
+    # The token high-water row (SQLite keeps it) is a live lock, not ours.
+    live, holder = live_lock(alias)
     taker = MachineMemory(using=alias)
     taken: list[bool] = []
     waited: list[bool] = []
@@ -237,6 +259,7 @@ def test_purge_race_a_lock_taken_again_after_selection_survives(
     info = taker.lock_info(target)
     assert info is not None and info.owner == taker.owner
     assert taker.unlock(target)
+    assert holder.unlock(live)
 
 
 def hold_row_lock(
@@ -275,7 +298,7 @@ def test_purge_expired_locks_skips_a_row_locked_by_another_transaction(row_locks
     alias = row_locks
     busy = expired_lock(alias)
     free = [expired_lock(alias) for _ in range(3)]
-    live_lock(alias)
+    live, live_holder = live_lock(alias)
     held, release = threading.Event(), threading.Event()
     errors: list[str] = []
     holder = threading.Thread(
@@ -296,6 +319,7 @@ def test_purge_expired_locks_skips_a_row_locked_by_another_transaction(row_locks
     # The next run purges it.
     run("purge_expired_locks", "--database", alias)
     assert lock_ids(alias, [busy]) == set()
+    assert live_holder.unlock(live)
 
 
 def test_purge_machine_states_skips_a_row_locked_by_another_transaction(row_locks: str) -> None:
@@ -326,11 +350,12 @@ def test_purge_machine_states_skips_a_row_locked_by_another_transaction(row_lock
 def test_purge_expired_locks_logs_batches_with_verbosity_2(alias: str) -> None:
     for _ in range(3):
         expired_lock(alias)
-    live_lock(alias)
+    live, holder = live_lock(alias)
     _, err = run("purge_expired_locks", "--database", alias, "--batch-size", "1", verbosity=2)
     assert re.search(r"INFO machine_memory_lock batch 1: deleted \d+ of 1 selected rows", err)
     _, quiet = run("purge_expired_locks", "--database", alias, verbosity=1)
     assert quiet == ""
+    assert holder.unlock(live)
 
 
 def test_purge_expired_locks_fails_with_a_command_error(alias: str) -> None:

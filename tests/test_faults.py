@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -32,7 +35,7 @@ from tests.support import ALIVE, BACKEND_ID, KILL, WAITING_FOR_A_ROW_LOCK
 from tests.workers import ThreadRun, in_thread
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tests.conftest import ProxiedDatabase
 
@@ -284,6 +287,100 @@ def test_connection_killed_mid_statement_stores_nothing(alias: str, mid: str) ->
     # Nothing half-done either: the version is unchanged, so the redelivered event succeeds.
     memory.write(mid, {"n": 1}, prev)
     assert read_elsewhere(alias, mid) == {"n": 1}
+
+
+# -- a statement the database refuses --------------------------------------------------------
+
+
+@contextmanager
+def refused_from_version(
+    alias: str, machine_id: str, version: int, *, signal: bool = False
+) -> Iterator[None]:
+    """The database refuses every row of ``machine_id`` at ``version`` or later.
+
+    Real errors of the database, added by the test and dropped after it, of kinds that no
+    retry or fresh connection cures: a CHECK constraint on PostgreSQL and MariaDB, or with
+    ``signal`` on MariaDB a trigger that SIGNALs; on SQLite, which cannot add a constraint to
+    a table, a trigger that aborts. mysqlclient files a failed CHECK (4025) and a SIGNAL
+    (1644) as OperationalError, the class of connection failures: the MariaDB dialect must
+    file them as Django does (MySQLDialect.errors).
+    """
+    assert re.fullmatch(r"[\w-]+", machine_id)  # spelt into the DDL below
+    name = f"mm_refuse_{uuid.uuid4().hex[:12]}"
+    vendor = connections[alias].vendor
+    events = ("INSERT", "UPDATE")
+    if vendor == "sqlite" or (vendor == "mysql" and signal):
+        refused = f"NEW.machine_id = '{machine_id}' AND NEW.version >= {version}"
+        if vendor == "sqlite":
+            add = [
+                f"CREATE TRIGGER {name}_{event} BEFORE {event} ON machine_memory_state"
+                f" WHEN {refused} BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                for event in events
+            ]
+        else:
+            add = [
+                f"CREATE TRIGGER {name}_{event} BEFORE {event} ON machine_memory_state"
+                f" FOR EACH ROW BEGIN IF {refused} THEN"
+                " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by the test'; END IF; END"
+                for event in events
+            ]
+        drop = [f"DROP TRIGGER {name}_{event}" for event in events]
+    else:
+        refused = f"machine_id = '{machine_id}' AND version >= {version}"
+        add = [f"ALTER TABLE machine_memory_state ADD CONSTRAINT {name} CHECK (NOT ({refused}))"]
+        drop = [f"ALTER TABLE machine_memory_state DROP CONSTRAINT {name}"]
+    with connections[alias].cursor() as cursor:
+        for sql in add:
+            cursor.execute(sql)
+    try:
+        yield
+    finally:
+        with connections[alias].cursor() as cursor:
+            for sql in drop:
+                cursor.execute(sql)
+
+
+@pytest.mark.parametrize("how", ["create", "update", "update-locked", "session"])
+def test_write_refused_by_the_database_raises_write_error_and_stores_nothing(
+    alias: str, mid: str, how: str
+) -> None:
+    # Only connection failures are retried or settled; any other database error must
+    # reach the caller as a WriteError (docs/semantics.md), never pass for a stored write.
+    memory = MachineMemory(using=alias)
+    prev = None
+    if how != "create":
+        memory.write(mid, {"n": 0}, None)
+        prev = memory.read(mid)
+    if how == "update-locked":
+        assert memory.lock(mid)
+
+    def write() -> None:
+        if how == "session":
+            with memory.session(mid) as session:
+                session.write({"n": 1})
+        else:
+            memory.write(mid, {"n": 1}, prev)
+
+    # On MariaDB the updates are refused by a CHECK, the creates by a trigger's SIGNAL: the
+    # create is an INSERT IGNORE, which turns a failed CHECK into a skipped row (a WriteError
+    # then too, but without the database's error to show).
+    signal = how in ("create", "session")
+    with refused_from_version(alias, mid, 1 if prev is None else 2, signal=signal):
+        with pytest.raises(WriteError) as raised:
+            write()
+        # Not a lost race (the version was right), not an outcome to find out: refused.
+        assert type(raised.value) is WriteError
+        assert isinstance(raised.value.__cause__, DatabaseError)
+        assert not isinstance(raised.value.__cause__, OperationalError)
+        assert read_elsewhere(alias, mid) == prev
+        assert not MachineState.objects.using(alias).filter(pk=mid, version__gt=1).exists()
+    if how == "session":
+        assert memory.lock_info(mid) is None  # released when the session's block ended
+    # Nothing half-done: once the database accepts it, the same write goes through.
+    write()
+    assert read_elsewhere(alias, mid) == {"n": 1}
+    if how == "update-locked":
+        assert memory.unlock(mid)
 
 
 # -- a write whose reply was lost ------------------------------------------------------------

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import datetime
+import io
 import time
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from django.core.management import call_command
 from django.db import connections
 from django.utils import timezone
 
 from machine_memory import MachineMemory
-from machine_memory.exceptions import InvalidState
-from machine_memory.models import MachineLock, MachineState
+from machine_memory.exceptions import InvalidState, LockLost
+from machine_memory.models import MachineLock, MachineState, StorageTime
 from machine_memory.sql import dialect_for
 from machine_memory.validation import MAX_STATE_DEPTH, METADATA_LENGTHS
 from tests.support import new_id
+from tests.test_clock import SKEWS, app_clock_moved
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from django.db.models import QuerySet
 
 
 def row(alias: str, machine_id: str) -> MachineState:
     return MachineState.objects.using(alias).get(machine_id=machine_id)
+
+
+def ids(rows: QuerySet[Any]) -> set[str]:
+    return set(rows.values_list("pk", flat=True))
 
 
 def metadata_columns(alias: str, machine_id: str) -> tuple[Any, ...]:
@@ -263,22 +275,41 @@ def test_lock_queryset_live_and_expired(alias: str) -> None:
     assert set(locks.expired().values_list("machine_id", flat=True)) == set(ids)
 
 
-def test_lock_queryset_uses_the_database_clock(alias: str) -> None:
-    # A lock whose expiry is ahead by the database clock is live, whatever this process's
-    # clock would say: live() and expired() are computed in SQL, not with timezone.now().
+@SKEWS
+def test_lock_queryset_uses_the_database_clock(alias: str, skew: float) -> None:
+    # live(), expired() and everything built on them compare expires_at with the database's
+    # clock inside the SQL. With the application's clock an hour ahead, a comparison with
+    # timezone.now() would call a lock with a minute left expired (and purge it); an hour
+    # behind, it would call a lock that expired a minute ago live (and never purge it).
     memory = MachineMemory(using=alias)
-    machine_id = new_id()
-    assert memory.lock(machine_id, ttl=60)
-    locks = MachineLock.objects.using(alias).filter(machine_id=machine_id)
-    assert "expires_at" in str(locks.live().query)
-    assert locks.live().count() == 1
-    assert locks.expired().count() == 0
-    # Move the stored expiry one second into the past (by the database's own reckoning).
-    lock = locks.get()
-    locks.update(expires_at=lock.acquired_at - datetime.timedelta(seconds=1))
-    assert locks.live().count() == 0
-    assert locks.expired().count() == 1
-    assert memory.lock_info(machine_id) is None
+    expired, live = new_id("expired"), new_id("live")
+    for machine_id in (expired, live):
+        memory.write(machine_id, {"id": machine_id}, None)
+    assert memory.lock(expired)
+    assert memory.unlock(expired)
+    locks = MachineLock.objects.using(alias).filter(machine_id__in=[expired, live])
+    locks.filter(pk=expired).update(expires_at=StorageTime(-60))
+    # Locked last, so on SQLite the token high-water row is this live one, not `expired`.
+    assert memory.lock(live, ttl=60)
+    states = MachineState.objects.using(alias).filter(machine_id__in=[expired, live])
+    with app_clock_moved(skew):
+        assert ids(locks.live()) == {live}
+        assert ids(locks.expired()) == {expired}
+        assert ids(locks.expired(older_than=30)) == {expired}
+        assert ids(locks.expired(older_than=120)) == set()
+        assert ids(locks.purgeable()) == {expired}
+        assert ids(states.with_live_lock()) == {live}
+        assert ids(states.with_expired_lock()) == {expired}
+        assert ids(states.without_live_lock()) == {expired}
+        assert ids(states.purgeable(older_than=0)) == {expired}
+        # lock_live is an annotation, which django-stubs cannot see.
+        lock_live = dict(states.with_lock().values_list("pk", "lock_live"))  # type: ignore[misc]
+        assert lock_live == {expired: False, live: True}
+        assert locks.purge_expired().deleted == 1
+        assert ids(locks) == {live}
+        info = memory.lock_info(live)
+        assert info is not None and info.owner == memory.owner
+    assert memory.unlock(live)
 
 
 def test_purgeable_keeps_the_highest_token(alias: str) -> None:
@@ -367,11 +398,104 @@ def test_old_holder_is_fenced_after_a_purge(alias: str) -> None:
     assert thief.unlock(other)
     MachineLock.objects.using(alias).purgeable().filter(machine_id__in=[machine_id, other]).delete()
     assert not MachineLock.objects.using(alias).filter(machine_id=machine_id).exists()
-    from machine_memory.exceptions import LockLost
-
     with pytest.raises(LockLost):
         holder.write(machine_id, {"n": 1}, state)
     assert row(alias, machine_id).state == {"n": 0}
+
+
+# How long a lock lives that a test lets lapse.
+SHORT_TTL = 0.3
+
+
+def lapse() -> None:
+    time.sleep(SHORT_TTL + 0.1)
+
+
+def assert_stale_holders_stay_fenced(
+    memories: tuple[MachineMemory, MachineMemory, MachineMemory],
+    machine_id: str,
+    purges: tuple[Callable[[], None], Callable[[], None]],
+    via: str,
+) -> None:
+    """A lock taken again after its trace was purged gets a token above every earlier one.
+
+    A stale holder's write is stopped only because the lock's current token is not its own:
+    a token handed out again (a counter rebuilt from the rows the purge left, a sequence
+    read wrong, a takeover that keeps the old token) would let that holder write as if it
+    had never lost the lock. ``purges`` remove what the lock backend keeps of a lock that
+    is over (expired lock rows, a token counter); each also checks that the trace is gone.
+    ``via``: "lock" or "lock_and_read", which take the lock with statements of their own.
+    """
+    first, second, third = memories
+    first.write(machine_id, {"n": 0}, None)
+    tokens: list[int] = []
+
+    def take(memory: MachineMemory, ttl: float) -> None:
+        if via == "lock_and_read":
+            taken = memory.lock_and_read(machine_id, ttl=ttl)
+            assert taken is not None and taken.state == memory.read(machine_id)
+        else:
+            assert memory.lock(machine_id, ttl=ttl)
+        token = memory.held_token(machine_id)
+        assert token is not None
+        # Strictly above every token handed out for the id before.
+        assert all(token > earlier for earlier in tokens), (token, tokens)
+        tokens.append(token)
+        info = memory.lock_info(machine_id)
+        assert info is not None and (info.owner, info.token) == (memory.owner, token)
+
+    def assert_fenced(stale: MachineMemory) -> None:
+        # prev_data read just now, so that only the fence can refuse the write.
+        with pytest.raises(LockLost):
+            stale.write(machine_id, {"n": "stale"}, stale.read(machine_id))
+
+    # The first holder's lock lapses; the second takes it over and releases it.
+    take(first, SHORT_TTL)
+    lapse()
+    take(second, SHORT_TTL)
+    assert_fenced(first)
+    assert second.unlock(machine_id)
+    purges[0]()
+    # The third takes it anew: the first holder must not be able to write.
+    take(third, SHORT_TTL)
+    assert_fenced(first)
+    # The third holder's lock lapses without a release, is purged, and the second locks again.
+    lapse()
+    purges[1]()
+    take(second, 60)
+    assert_fenced(first)
+    assert_fenced(third)
+    assert second.read(machine_id) == {"n": 0}
+    second.write(machine_id, {"n": 1}, second.read(machine_id))
+    assert second.unlock(machine_id)
+    assert first.read(machine_id) == {"n": 1}
+
+
+@pytest.mark.parametrize("via", ["lock", "lock_and_read"])
+def test_a_lock_taken_again_after_a_purge_never_reuses_a_token(
+    alias: str, mid: str, via: str
+) -> None:
+    locks = MachineLock.objects.using(alias)
+    memories = (MachineMemory(using=alias), MachineMemory(using=alias), MachineMemory(using=alias))
+
+    def purge(by_command: bool) -> Callable[[], None]:
+        def run() -> None:
+            if dialect_for(connections[alias]).token_high_water_row:
+                # SQLite derives the next token from the highest one in the table, so its
+                # purge keeps that row: a lock taken elsewhere moves the high-water mark off
+                # ours. Only there: elsewhere the next token must follow ours directly.
+                other = new_id("other")
+                assert memories[0].lock(other)
+                assert memories[0].unlock(other)
+            if by_command:
+                call_command("purge_expired_locks", "--database", alias, stdout=io.StringIO())
+            else:
+                locks.purge_expired()
+            assert not locks.filter(machine_id=mid).exists()
+
+        return run
+
+    assert_stale_holders_stay_fenced(memories, mid, (purge(True), purge(False)), via)
 
 
 def test_state_queryset_with_status_and_children_of(memory: MachineMemory, alias: str) -> None:

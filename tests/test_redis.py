@@ -35,6 +35,7 @@ from machine_memory.validation import MAX_ID_LENGTH
 from tests import test_clock
 from tests.support import new_id
 from tests.test_concurrency import IDS, PROCESSES, ROUNDS, THREADS, assert_exact_and_exclusive
+from tests.test_models import assert_stale_holders_stay_fenced
 from tests.workers import (
     CycleReport,
     in_thread,
@@ -274,6 +275,28 @@ def test_a_resent_acquire_returns_the_token_it_took(alias: str, redis_settings: 
     assert locks._acquire(keys=keys, args=[b"owner", 60_000, "00bb", 1000]) is None
     assert locks.acquire(mid, "owner", 60) is None  # lock() stays non-reentrant
     assert locks.release(mid, "owner")
+
+
+@pytest.mark.parametrize("via", ["lock", "lock_and_read"])
+def test_a_lock_taken_again_after_its_counter_expired_never_reuses_a_token(
+    alias: str, mid: str, redis_settings: None, client: Redis, via: str
+) -> None:
+    """The Redis twin of the purge of expired lock rows: the token counter expires shortly
+    (``token_keep``) after the locks of the second and third holders, and the next token
+    then comes from Redis's clock. (The first holder's counter outlives its lock, so that
+    the second one's takeover finds it.)"""
+    memories = (redis_memory(alias), redis_memory(alias), redis_memory(alias))
+    for memory in memories[1:]:
+        locks_of(memory).token_keep = 0.05
+
+    def counter_expired() -> None:
+        key = locks_of(memories[0]).token_key(mid)
+        deadline = time.monotonic() + 5
+        while client.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.exists(key) == 0
+
+    assert_stale_holders_stay_fenced(memories, mid, (counter_expired, counter_expired), via)
 
 
 # -- scripts -----------------------------------------------------------------------------------

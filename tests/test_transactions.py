@@ -60,13 +60,14 @@ def read_elsewhere(alias: str, mid: str) -> dict[str, Any] | None:
     return in_thread(lambda: MachineMemory(using=alias).read(mid))
 
 
-def take_over(alias: str, mid: str) -> str:
-    """Another owner takes the (expired) lock on another connection, keeps it, returns its name."""
+def take_over(alias: str, mid: str) -> MachineMemory:
+    """Another owner takes the (expired) lock on another connection and keeps it; the test
+    releases it at its end."""
 
-    def steal() -> str:
+    def steal() -> MachineMemory:
         thief = MachineMemory(using=alias, lock_retries=0)
         assert thief.lock(mid)
-        return thief.owner
+        return thief
 
     return in_thread(steal)
 
@@ -247,7 +248,8 @@ def test_write_inside_atomic_after_a_takeover_is_fenced(alias: str, mid: str) ->
     assert Group.objects.using(alias).filter(name=mid).exists()
     assert read_elsewhere(alias, mid) == {"n": 0}
     info = memory.lock_info(mid)
-    assert info is not None and info.owner == thief
+    assert info is not None and info.owner == thief.owner
+    assert thief.unlock(mid)
 
 
 @SERVERS
@@ -264,7 +266,8 @@ def test_takeover_during_the_callers_transaction_is_fenced(alias: str, mid: str)
             memory.write(mid, {"n": 1}, state)
     assert read_elsewhere(alias, mid) == {"n": 0}
     info = memory.lock_info(mid)
-    assert info is not None and info.owner == thief
+    assert info is not None and info.owner == thief.owner
+    assert thief.unlock(mid)
 
 
 @SQLITE
@@ -281,7 +284,8 @@ def test_takeover_during_the_callers_transaction_on_sqlite_stores_nothing(
     with transaction.atomic(using=alias):
         state = memory.read(mid)
         time.sleep(SHORT_TTL + 0.1)
-        take_over(alias, mid)
+        thief = take_over(alias, mid)
         with pytest.raises(WriteError):
             memory.write(mid, {"n": 1}, state)
     assert read_elsewhere(alias, mid) == {"n": 0}
+    assert thief.unlock(mid)
