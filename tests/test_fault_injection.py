@@ -880,6 +880,34 @@ def test_create_deleted_before_it_could_be_checked_is_unknown(
     assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
 
 
+def test_delete_that_landed_before_the_state_was_made_again_is_unknown(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """Our delete of version 2 landed, its reply was lost, and another worker created the
+    state anew (version 1) before the check. A row at another version than ours could be
+    either story (ours landed and the state was made again, or ours did not and the state
+    moved on): the outcome is unknown, never "nothing was deleted"."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    memory.write(mid, {"n": 1}, memory.read(mid))
+    prev = memory.read(mid)
+    connected = proxied.proxy.accepted
+    proxied.proxy.cut_after_reply(DELETE_STATE, keep_upstream=True, then="stall")
+
+    def make_it_again() -> None:
+        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
+        other = MachineMemory(using=proxied.real)
+        assert other.read(mid) is None  # ours landed
+        other.write(mid, {"n": 9}, None)
+        proxied.proxy.resume()
+
+    helper = ThreadRun(make_it_again)
+    outcome = attempt(lambda: memory.delete(mid, prev))
+    helper.result(timeout=20)
+    assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+    assert read_real(proxied.real, mid) == {"n": 9}
+
+
 def test_equal_write_by_another_worker_is_taken_as_ours(proxied: ProxiedDatabase, mid: str) -> None:
     """Two workers write the same new state from the same version (the same event delivered
     twice computes the same state). Ours is cut before it reaches the server and theirs
