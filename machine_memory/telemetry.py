@@ -123,7 +123,18 @@ def outcome_of(exc: BaseException) -> str:
 class Operation:
     """One call being observed: what it noted, and its span when tracing."""
 
-    __slots__ = ("facts", "machine_id", "memory", "name", "outcome", "parent", "pending", "span")
+    __slots__ = (
+        "_reset",
+        "_restore",
+        "facts",
+        "machine_id",
+        "memory",
+        "name",
+        "outcome",
+        "parent",
+        "pending",
+        "span",
+    )
 
     def __init__(
         self, memory: MachineMemory, name: str, machine_id: object, parent: Operation | None
@@ -141,6 +152,14 @@ class Operation:
         self.facts: dict[str, Any] = {}
         self.outcome: str | None = None
         self.span: Any = None
+
+    def __enter__(self) -> None:
+        self._restore = self.start()
+        self._reset = _current.set(self)
+
+    def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
+        _current.reset(self._reset)
+        self.end(exc, self._restore)
 
     def start(self) -> object | None:
         """Start the span and make it current; returns what ``end`` needs to restore."""
@@ -293,18 +312,8 @@ def observed(name: str) -> Callable[[F], F]:
             async def observe_async(self: MachineMemory, machine_id: Any, *a: Any, **k: Any) -> Any:
                 if _quiet():
                     return await method(self, machine_id, *a, **k)
-                operation = Operation(self, name, machine_id, _current.get())
-                restore = operation.start()
-                reset = _current.set(operation)
-                try:
-                    result = await method(self, machine_id, *a, **k)
-                except BaseException as exc:
-                    _current.reset(reset)
-                    operation.end(exc, restore)
-                    raise
-                _current.reset(reset)
-                operation.end(None, restore)
-                return result
+                with Operation(self, name, machine_id, _current.get()):
+                    return await method(self, machine_id, *a, **k)
 
             return cast("F", observe_async)
 
@@ -312,18 +321,8 @@ def observed(name: str) -> Callable[[F], F]:
         def observe(self: MachineMemory, machine_id: Any, *a: Any, **k: Any) -> Any:
             if _quiet():
                 return method(self, machine_id, *a, **k)
-            operation = Operation(self, name, machine_id, _current.get())
-            restore = operation.start()
-            reset = _current.set(operation)
-            try:
-                result = method(self, machine_id, *a, **k)
-            except BaseException as exc:
-                _current.reset(reset)
-                operation.end(exc, restore)
-                raise
-            _current.reset(reset)
-            operation.end(None, restore)
-            return result
+            with Operation(self, name, machine_id, _current.get()):
+                return method(self, machine_id, *a, **k)
 
         return cast("F", observe)
 

@@ -26,6 +26,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 from django.db.migrations.executor import MigrationExecutor
 
+from machine_memory.management.arguments import VERBOSITY_LEVELS, positive_int
 from workflows.broker import Broker, Counts
 from workflows.display import display_for
 from workflows.worker import WorkerOptions
@@ -38,18 +39,6 @@ logger = logging.getLogger("workflows.demo")
 
 # The demo superuser that "where to look next" logs in with (demo_admin makes the same).
 ADMIN_USER = ADMIN_PASSWORD = "admin"
-
-VERBOSITY_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def work_ms(text: str) -> int:
