@@ -4,9 +4,10 @@ The memory's few fixed statements run on the DB-API cursor rather than Django's 
 wrapper, which costs more per statement than a small statement takes on SQLite
 (docs/design.md#the-drivers-cursor). Everything else stays Django's: settings,
 transactions, reconnects, and the ``django.db`` exception classes, because callers run
-statements inside ``Dialect.errors()`` (Django's ``wrap_database_errors``). Whenever Django would show a
-statement to someone (``DEBUG`` query logging, ``connection.execute_wrapper()``), the
-cursor is wrapped so that ours are shown too (``ObservedCursor``).
+statements inside ``Dialect.errors()`` (Django's ``wrap_database_errors``). Whenever
+Django would show a statement to someone (``DEBUG`` query logging,
+``connection.execute_wrapper()``), the cursor is wrapped so that ours are shown too
+(``ObservedCursor``).
 """
 
 from __future__ import annotations
