@@ -538,9 +538,10 @@ def summary(files: Iterable[Path]) -> int:
 def _row(module: str, count: Counter[str], columns: list[str]) -> None:
     mutants = sum(count.values())
     scored = mutants - count["equivalent"] - count["not run"]
-    score = (count["killed"] + count["timeout"]) / scored if scored else 1.0
+    # Nothing judged yet: no score, rather than a 100 % nobody earned.
+    score = f"{(count['killed'] + count['timeout']) / scored:6.1%}" if scored else "     -"
     cells = " ".join(f"{count[c]:>10}" for c in columns)
-    print(f"{module:34} {mutants:>7} {cells}  {score:6.1%}")
+    print(f"{module:34} {mutants:>7} {cells}  {score}")
 
 
 def main() -> int:

@@ -117,6 +117,7 @@ def test_read_retries_then_raises_within_a_second(down: MachineMemory, mid: str)
     assert elapsed < READ_DEADLINE
     assert elapsed >= down.read_backoff  # it did wait to retry (counted in the next test)
     assert isinstance(raised.value.__cause__, DatabaseError)
+    assert f"Reading machine {mid!r} failed" in str(raised.value)  # says which, and why
 
 
 def test_async_read_retries_then_raises_within_a_second(down: MachineMemory, mid: str) -> None:
