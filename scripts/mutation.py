@@ -328,6 +328,7 @@ def _child(name: str, tests: list[pytest.Item], limits: list[float], level: _Ses
     try:
         set_mutant_under_test(name)
         _fresh_executors()
+        _fresh_caches()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
@@ -346,6 +347,14 @@ def _child(name: str, tests: list[pytest.Item], limits: list[float], level: _Ses
         with open(MUTANTS / "mutation-errors.log", "a") as log:
             log.write(f"{name}\n{traceback.format_exc()}\n")
         return SUSPICIOUS
+
+
+def _fresh_caches() -> None:
+    # What the clean run built and kept would hide a mutant in the code that builds it: the
+    # dialects cache each statement's SQL the first time it is asked for (Dialect.statement).
+    import machine_memory.sql
+
+    machine_memory.sql._dialects.clear()
 
 
 def _fresh_executors() -> None:
