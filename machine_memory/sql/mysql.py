@@ -31,21 +31,25 @@ TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
 ER_NO_SUCH_THREAD = 1094
 
 
-# Server errors that refuse a statement by a rule of the schema, which mysqlclient reports
-# as OperationalError, the class of a lost connection: a NOT NULL column (1048), a value out
-# of range (1690), a CHECK constraint (3819 on MySQL, 4025 on MariaDB), as Django's MySQL
-# cursor wrapper files them (DatabaseWrapper.codes_for_integrityerror), and a trigger's
-# SIGNAL (1644). Left as they are, a refused write would be handled as a broken connection.
-REFUSALS = frozenset({1048, 1690, 3819, 4025, 1644})
+# A trigger's SIGNAL: the server refusing the statement, reported as OperationalError.
+ER_SIGNAL_EXCEPTION = 1644
 
 
 class _FiledAsDjangoDoes:
-    """``connection.wrap_database_errors``, then the refusals above as ``IntegrityError``."""
+    """``connection.wrap_database_errors``, then the server's refusals as ``IntegrityError``.
 
-    __slots__ = ("_wrapper",)
+    mysqlclient reports a statement the schema refuses as OperationalError, the class of a
+    lost connection, which the memory would handle as one. Django's MySQL cursor wrapper
+    refiles the codes of ``CursorWrapper.codes_for_integrityerror`` (NOT NULL, out of range,
+    CHECK); the hot path runs on the driver's cursor, so it is done here, with a trigger's
+    SIGNAL besides.
+    """
 
-    def __init__(self, wrapper: AbstractContextManager[None]) -> None:
+    __slots__ = ("_refusals", "_wrapper")
+
+    def __init__(self, wrapper: AbstractContextManager[None], refusals: frozenset[int]) -> None:
         self._wrapper = wrapper
+        self._refusals = refusals
 
     def __enter__(self) -> None:
         self._wrapper.__enter__()
@@ -54,7 +58,7 @@ class _FiledAsDjangoDoes:
         try:
             self._wrapper.__exit__(kind, value, traceback)
         except OperationalError as exc:
-            if exc.args and exc.args[0] in REFUSALS:
+            if exc.args and exc.args[0] in self._refusals:
                 raise IntegrityError(*exc.args) from value
             raise
 
@@ -66,8 +70,16 @@ class MySQLDialect(Dialect):
     now_sql = "UTC_TIMESTAMP(6)"
     from_nothing = " FROM DUAL"
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Imported here: this module is imported only for MySQL connections, whose driver
+        # Django's MySQL backend needs.
+        from django.db.backends.mysql.base import CursorWrapper
+
+        self._refusals = frozenset((*CursorWrapper.codes_for_integrityerror, ER_SIGNAL_EXCEPTION))
+
     def errors(self, connection: BaseDatabaseWrapper) -> AbstractContextManager[None]:
-        return _FiledAsDjangoDoes(connection.wrap_database_errors)
+        return _FiledAsDjangoDoes(connection.wrap_database_errors, self._refusals)
 
     def check_settings(self, alias: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
         # Under REPEATABLE READ, InnoDB takes shared locks on the lock row that a fenced
