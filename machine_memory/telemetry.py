@@ -5,9 +5,9 @@ operation ``note()``s what it learnt (fencing token, versions, sizes, attempts),
 it ends its outcome is derived once, from its result or its exception, and reported to
 the span and to ``machine_memory.signals``. Document contents are never reported.
 
-Spans exist when the OpenTelemetry API is installed (the ``otel`` extra); without an SDK
-configured they are the API's no-op spans. When there is no API and no receiver, an
-operation costs one check (``_quiet``) and nothing else.
+Spans exist once the application has configured an OpenTelemetry tracer provider (the API
+is the ``otel`` extra). With no provider and no receiver, an operation costs one check
+(``_quiet``) and nothing else.
 """
 
 from __future__ import annotations
@@ -154,18 +154,18 @@ class Operation:
         self.span: Any = None
 
     def __enter__(self) -> None:
-        self._restore = self.start()
+        self._start_span()
         self._reset = _current.set(self)
 
     def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
         _current.reset(self._reset)
-        self.end(exc, self._restore)
+        self._end(exc)
 
-    def start(self) -> object | None:
-        """Start the span and make it current; returns what ``end`` needs to restore."""
+    def _start_span(self) -> None:
+        """Start the span, if tracing, and make it the current one."""
         tracer = _active_tracer()
         if tracer is None:
-            return None
+            return
         attributes = {
             "machine_memory.operation": self.name,
             "machine_memory.lock_backend": type(self.memory.locks).__name__,
@@ -177,9 +177,9 @@ class Operation:
         self.span = tracer.start_span(
             f"machine_memory.{self.name}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        return otel_context.attach(trace.set_span_in_context(self.span))
+        self._restore = otel_context.attach(trace.set_span_in_context(self.span))
 
-    def end(self, exc: BaseException | None, restore: object | None) -> None:
+    def _end(self, exc: BaseException | None) -> None:
         outcome = outcome_of(exc) if exc is not None else self.outcome or "ok"
         # The document's text was noted, never reported: only its size in UTF-8.
         text = self.facts.pop("text", None)
@@ -189,7 +189,7 @@ class Operation:
             self.facts["expected_version"] = exc.expected_version
             self.facts["actual_version"] = exc.actual_version
         if self.span is not None:
-            self._end_span(outcome, exc, restore)
+            self._end_span(outcome, exc)
         if self.machine_id is None:
             return
         sent = [*self._signals(outcome, exc), *self.pending]
@@ -199,7 +199,7 @@ class Operation:
         for signal, arguments in sent:
             self._send(signal, arguments)
 
-    def _end_span(self, outcome: str, exc: BaseException | None, restore: object) -> None:
+    def _end_span(self, outcome: str, exc: BaseException | None) -> None:
         span = self.span
         span.set_attribute("machine_memory.outcome", outcome)
         for key, value in self.facts.items():
@@ -211,7 +211,7 @@ class Operation:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}"))
         span.end()
-        otel_context.detach(cast("Any", restore))
+        otel_context.detach(self._restore)
 
     def _signals(
         self, outcome: str, exc: BaseException | None
