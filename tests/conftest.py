@@ -13,6 +13,7 @@ from django.test import override_settings
 from django.test.utils import setup_databases, teardown_databases
 
 from machine_memory import MachineMemory
+from machine_memory.locks.redis import _parse as parse_lock_value
 from machine_memory.models import MachineLock, StorageNow
 from tests.faultproxy import FaultProxy
 from tests.support import VENDOR_IDS, enable_sqlite_pragmas, in_ci, new_id
@@ -184,7 +185,7 @@ def _redis_client(cache: str) -> Redis | None:
     return client
 
 
-def _redis_locks(cache: str, owner_prefix: bytes = b"") -> list[bytes]:
+def _redis_locks(cache: str, owner_prefix: str = "") -> list[bytes]:
     """The live lock keys (machine_memory.locks.redis: the key exists while the lock lives),
     of owners whose name starts with ``owner_prefix``."""
     client = _redis_client(cache)
@@ -193,12 +194,11 @@ def _redis_locks(cache: str, owner_prefix: bytes = b"") -> list[bytes]:
     keys = sorted(client.scan_iter(match=b"*machine_memory:lock:*", count=1000))
     if not keys or not owner_prefix:
         return keys
-    # A lock's value is "token:acquired:expires:nonce:owner" (machine_memory.locks.redis).
     values = cast("list[bytes | None]", client.mget(keys))  # no decode_responses here
     return [
         key
         for key, value in zip(keys, values, strict=True)
-        if value is not None and value.split(b":", 4)[-1].startswith(owner_prefix)
+        if value is not None and parse_lock_value(value)[3].startswith(owner_prefix)
     ]
 
 
@@ -213,7 +213,7 @@ def _fail_on_live_locks(request: pytest.FixtureRequest) -> None:
     if "redis_cache" in request.fixturenames:
         leaked["redis"] = _redis_locks("redis")
     if {"redis_faults", "redis_proxy"} & set(request.fixturenames):
-        ours = f"{socket.gethostname()}:{os.getpid()}:".encode()
+        ours = f"{socket.gethostname()}:{os.getpid()}:"
         leaked["redis_faults"] = _redis_locks("redis_faults", ours)
     for cache, keys in leaked.items():
         if keys:

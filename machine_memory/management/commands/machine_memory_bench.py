@@ -268,7 +268,7 @@ class Command(BaseCommand):
             "database": alias,
             "vendor": connection.vendor,
             "lock_backend": type(memory.locks).__name__,
-            "telemetry": options.get("telemetry", "off"),
+            "telemetry": options["telemetry"],
             "cycles": cycles,
             "workers": workers,
             "machines": machines,
