@@ -77,13 +77,6 @@ def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
     return cursor
 
 
-def sibling_cursor(cursor: Cursor) -> Cursor:
-    """A second cursor like ``cursor``, on the same driver connection (observed alike)."""
-    if isinstance(cursor, ObservedCursor):
-        return ObservedCursor(cursor.db, sibling_cursor(cursor.raw))
-    return type(cursor)(cursor.connection)
-
-
 class ObservedCursor:
     """A driver cursor whose statements Django's tools see, as through Django's own cursor.
 

@@ -348,7 +348,10 @@ class MachineLock(models.Model):
 
     machine_id = MachineIdField(primary_key=True)
     owner = models.CharField(max_length=255)
-    token = models.BigIntegerField(db_index=True)
+    # Not indexed here: PostgreSQL and MariaDB draw tokens from a sequence, and an index
+    # would cost every lock and release an entry. SQLite, which derives the next token
+    # from the highest one, gets its index from the vendor module (SQLiteDialect.install).
+    token = models.BigIntegerField()
     acquired_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
 

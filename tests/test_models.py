@@ -498,6 +498,20 @@ def test_a_lock_taken_again_after_a_purge_never_reuses_a_token(
     assert_stale_holders_stay_fenced(memories, mid, (purge(True), purge(False)), via)
 
 
+def test_tokens_are_indexed_only_where_the_next_one_comes_from_the_highest(alias: str) -> None:
+    """SQLite derives each token from MAX(token) and needs the index; a sequence does not,
+    and an index there would cost every lock and release an entry (migration 0002)."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, "machine_memory_lock")
+    indexed = [
+        name for name, c in constraints.items() if c["index"] and c["columns"][:1] == ["token"]
+    ]
+    assert bool(indexed) == dialect_for(connection).token_high_water_row, constraints
+    expires = [c for c in constraints.values() if c["index"] and c["columns"] == ["expires_at"]]
+    assert expires, constraints  # purges and the admin's filter find expired locks by it
+
+
 def test_state_queryset_with_status_and_children_of(memory: MachineMemory, alias: str) -> None:
     status, parent, other_parent = new_id("status"), new_id("parent"), new_id("parent")
     children = [new_id("child") for _ in range(3)]

@@ -9,6 +9,8 @@ contention between threads, and connections cut at each step.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -47,7 +49,10 @@ if TYPE_CHECKING:
 POSTGRES_READY = b"Z\x00\x00\x00\x05"
 # The statement that opens each vendor's write + release, and its lock + read.
 WRITE_AND_RELEASE = {"postgres": b"WITH w AS (", "mariadb": b"START TRANSACTION;"}
-ACQUIRE_AND_READ = {"postgres": b"INSERT INTO machine_memory_lock", "mariadb": b"DO LAST_INSERT_ID"}
+ACQUIRE_AND_READ = {
+    "postgres": b"machine_memory_acquire_and_read(",
+    "mariadb": b"DO LAST_INSERT_ID",
+}
 
 
 def round_trips(proxied: ProxiedDatabase) -> Callable[[], int]:
@@ -178,6 +183,50 @@ def test_contending_sessions_lose_no_update_and_never_read_stale(alias: str, mid
     state = MachineMemory(using=alias).read(mid)
     assert state is not None and state["n"] == workers * events
     assert MachineState.objects.using(alias).get(pk=mid).version == workers * events + 1
+
+
+def test_lock_and_read_that_waited_for_the_holder_reads_what_it_committed(
+    alias: str, mid: str
+) -> None:
+    """The holder writes and releases in one transaction; a session that asks for the lock
+    meanwhile waits for that transaction and must then read its state, not the one before
+    (a lock + read that took its snapshot before waiting would, and its write would fail)."""
+    from django.db.models.functions import Now
+
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 1}, None)
+    assert memory.lock(mid)
+    holding = threading.Event()
+    go = threading.Event()
+
+    def holder() -> None:
+        # What the holder's write + release does, held open: state and release uncommitted.
+        with transaction.atomic(using=alias):
+            stored = MachineState.objects.using(alias).filter(pk=mid)
+            assert stored.update(state={"n": 2}, version=2) == 1
+            assert MachineLock.objects.using(alias).filter(pk=mid).update(expires_at=Now()) == 1
+            holding.set()
+            assert go.wait(30)
+
+    def take() -> dict[str, object] | None:
+        waiting = MachineMemory(using=alias, lock_retries=0)
+        try:
+            with waiting.session(mid) as s:
+                seen = s.state
+                s.write({"n": 3})
+            return seen
+        finally:
+            waiting.close()
+
+    held = ThreadRun(holder)
+    assert holding.wait(30)
+    taking = ThreadRun(take)
+    time.sleep(0.3)
+    assert taking.thread.is_alive(), "the lock + read did not wait for the holder's transaction"
+    go.set()
+    held.result()
+    assert taking.result() == {"n": 2}
+    assert memory.read(mid) == {"n": 3}
 
 
 def test_session_inside_atomic_uses_the_classic_statements(alias: str, mid: str) -> None:

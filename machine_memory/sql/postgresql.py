@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from machine_memory.connection import sibling_cursor
-from machine_memory.sql.base import LOCK_TABLE, Dialect, state_row
+from machine_memory.sql.base import LOCK_TABLE, STATE_COLUMNS, STATE_TABLE, Dialect, state_row
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
 
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
+ACQUIRE_AND_READ = "machine_memory_acquire_and_read"
 
 
 class PreparingCursor(psycopg.Cursor[Any]):
@@ -66,9 +66,42 @@ class PostgreSQLDialect(Dialect):
         # A sequence is non-transactional and never goes back, so tokens strictly increase
         # per id even after the lock row is purged and created again.
         schema_editor.execute(f"CREATE SEQUENCE IF NOT EXISTS {TOKEN_SEQUENCE}")
+        schema_editor.execute(self._acquire_and_read_function())
 
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
+        schema_editor.execute(f"DROP FUNCTION IF EXISTS {ACQUIRE_AND_READ}")
         schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
+
+    def _acquire_and_read_function(self) -> str:
+        """The function behind ``acquire_and_read``: the acquire, then the read.
+
+        PL/pgSQL, because each of its statements takes a snapshot of its own (at READ
+        COMMITTED): the read sees a state that the previous holder committed while the
+        acquire waited for its lock row. One statement with a data-modifying CTE would read
+        the snapshot taken before that wait. Its two plans are prepared in the server
+        session on first use, as our prepared statements are, and survive a pooler.
+        https://www.postgresql.org/docs/current/plpgsql-implementation.html
+        """
+        # The statement of acquire(), its parameters the function's.
+        acquire = self._acquire_sql("l.token, l.acquired_at, l.expires_at")
+        acquire %= ("p_id", "p_owner", "p_ttl")
+        columns = ", ".join(f"s.{column.strip()}" for column in STATE_COLUMNS.split(","))
+        return (
+            f"CREATE OR REPLACE FUNCTION {ACQUIRE_AND_READ}"
+            "(p_id varchar, p_owner varchar, p_ttl double precision)"
+            " RETURNS TABLE (token bigint, acquired_at timestamptz, expires_at timestamptz,"
+            " state jsonb, version bigint, execution_status varchar, parent_id varchar,"
+            " initiator varchar, source varchar)"
+            " LANGUAGE plpgsql VOLATILE AS $body$"
+            # The result columns are variables too; in the statements a name is a column.
+            " #variable_conflict use_column"
+            " DECLARE t bigint; a timestamptz; e timestamptz;"
+            f" BEGIN {acquire} INTO t, a, e;"
+            " IF NOT FOUND THEN RETURN; END IF;"
+            f" RETURN QUERY SELECT t, a, e, {columns}"
+            f" FROM (SELECT 1) AS one LEFT JOIN {STATE_TABLE} AS s ON s.machine_id = p_id;"
+            " END $body$"
+        )
 
     def _acquire_sql(self, returning: str) -> str:
         # One round trip: insert, or take over the row only if its lock has expired. The
@@ -97,24 +130,17 @@ class PostgreSQLDialect(Dialect):
     def acquire_and_read(
         self, cursor: Cursor, machine_id: str, owner: str, ttl: float
     ) -> TakenRows | None:
-        # Two statements in one pipeline: one round trip, and one implicit transaction (no
-        # Sync between them). Not one statement with a data-modifying CTE: its SELECT would
-        # read the snapshot taken when the statement began, and miss a state that the
-        # previous holder committed while this statement waited for the lock row.
-        # https://www.postgresql.org/docs/current/libpq-pipeline-mode.html
-        raw = cursor.connection
-        reader = sibling_cursor(cursor)
-        with raw.pipeline():
-            cursor.execute(
-                self._acquire_sql("token, acquired_at, expires_at"),
-                (machine_id, owner, self.ttl_param(ttl)),
-            )
-            reader.execute(self.read_sql(), (machine_id,))
-            lock = cursor.fetchone()
-            state = reader.fetchone()
-        if lock is None:
+        # One statement, one round trip, one commit: the installed function (see
+        # _acquire_and_read_function for why not a CTE, and not a pipeline of two
+        # statements, which costs the client about twice the work of one statement).
+        sql = self.statement(
+            "acquire_and_read", lambda: f"SELECT * FROM {ACQUIRE_AND_READ}(%s, %s, %s)"
+        )
+        cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
+        row = cursor.fetchone()
+        if row is None:
             return None
-        return (int(lock[0]), lock[1], lock[2]), state_row(state)
+        return (int(row[0]), row[1], row[2]), state_row(row[3:])
 
     def write_then_release(
         self, cursor: Cursor, write: str, params: tuple[Any, ...], release: tuple[str, int]

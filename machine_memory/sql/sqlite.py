@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect
 
 if TYPE_CHECKING:
+    from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+
     from machine_memory.sql.base import Cursor, TakenRows
 
 
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+TOKEN_INDEX = "machine_memory_lock_token_high_water"
 
 
 class SQLiteDialect(Dialect):
@@ -34,6 +37,15 @@ class SQLiteDialect(Dialect):
     def ttl_param(self, seconds: float) -> Any:
         # Signed: models.StorageTime uses negative offsets for "this long ago".
         return f"{float(seconds):+.3f} seconds"
+
+    def install(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
+        # MAX(token) on every acquire (_acquire_sql) needs an index on token. Created here,
+        # not by the model, which serves databases with sequences too. A migration that
+        # remakes the lock table drops it: run install() again after it (as 0002 does).
+        schema_editor.execute(f"CREATE INDEX IF NOT EXISTS {TOKEN_INDEX} ON {LOCK_TABLE} (token)")
+
+    def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
+        schema_editor.execute(f"DROP INDEX IF EXISTS {TOKEN_INDEX}")
 
     def reserve_writes(self, cursor: Cursor) -> None:
         # A write statement takes the database's write lock (waiting up to the busy
