@@ -29,8 +29,14 @@ def cycle(memory: MachineMemory, mid: str) -> None:
         s.write({"n": (s.state or {})["n"] + 1})
 
 
-# The memory's tables, and PostgreSQL's lock + read function, which reads both.
-OURS = ("machine_memory_lock", "machine_memory_state", "machine_memory_acquire_and_read")
+# The memory's tables, and the routines that lock + read (PostgreSQL, MariaDB) and write +
+# release (MariaDB) in one statement.
+OURS = (
+    "machine_memory_lock",
+    "machine_memory_state",
+    "machine_memory_acquire_and_read",
+    "machine_memory_write_and_release",
+)
 
 
 def tables(sql: str) -> set[str]:

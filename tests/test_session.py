@@ -48,10 +48,13 @@ if TYPE_CHECKING:
 # a pipeline of several statements still ends with one.
 POSTGRES_READY = b"Z\x00\x00\x00\x05"
 # The statement that opens each vendor's write + release, and its lock + read.
-WRITE_AND_RELEASE = {"postgres": b"WITH w AS (", "mariadb": b"START TRANSACTION;"}
+WRITE_AND_RELEASE = {
+    "postgres": b"WITH w AS (",
+    "mariadb": b"CALL machine_memory_write_and_release(",
+}
 ACQUIRE_AND_READ = {
     "postgres": b"machine_memory_acquire_and_read(",
-    "mariadb": b"DO LAST_INSERT_ID",
+    "mariadb": b"CALL machine_memory_acquire_and_read(",
 }
 
 
