@@ -178,6 +178,8 @@ class MutationRunner:
             f" {len(items) - len(usable) - len(self.failed)} skipped,"
             f" {time.monotonic() - start:.0f} s"
         )
+        for nodeid in sorted(self.failed):
+            print(f"  left out (fails without a mutant): {nodeid}")
         by_id = {item.nodeid: item for item in items if item.nodeid in usable}
         try:
             self.run_mutants(by_id, level)

@@ -9,6 +9,7 @@ contention between threads, and connections cut at each step.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import pytest
 from django.db import connections, transaction
 
 from machine_memory import MachineMemory
+from machine_memory.connection import cursor_for
 from machine_memory.exceptions import (
     LockNotAcquired,
     MachineMemoryError,
@@ -24,6 +26,7 @@ from machine_memory.exceptions import (
     WriteError,
 )
 from machine_memory.models import MachineLock, MachineState
+from machine_memory.sql import dialect_for
 from tests.test_fault_injection import (
     IDLE,
     assert_nothing_stored,
@@ -230,6 +233,76 @@ def test_lock_and_read_that_waited_for_the_holder_reads_what_it_committed(
     held.result()
     assert taking.result() == {"n": 2}
     assert memory.read(mid) == {"n": 3}
+
+
+# What Dialect.install() makes under a name of its own, per vendor: (attribute, kind).
+INSTALLED = {
+    "postgresql": [("acquire_and_read_routine", "FUNCTION")],
+    "mysql": [
+        ("acquire_and_read_routine", "PROCEDURE"),
+        ("write_and_release_routine", "PROCEDURE"),
+    ],
+    "sqlite": [("token_index", "INDEX")],
+}
+
+
+def test_what_this_code_installs_runs_the_session(alias: str, mid: str) -> None:
+    """The routines (and SQLite's token index) as install() makes them now, under names of
+    their own beside the ones migrate made: lock + read and write + release through them
+    keep the contract (denial, version check, fence, release only with the write)."""
+    connection = connections[alias]
+    dialect = type(dialect_for(connection))()  # its own statement cache, for the new names
+    objects = INSTALLED[connection.vendor]
+    for attribute, _ in objects:
+        setattr(dialect, attribute, f"{getattr(dialect, attribute)}_probe")
+    with connection.schema_editor() as editor:
+        dialect.install(editor)
+    owner, other = "probe-owner", "probe-other"
+    try:
+        with dialect.errors(connection):
+            cursor = cursor_for(connection)
+            taken = dialect.acquire_and_read(cursor, mid, owner, 60)
+            assert taken is not None
+            (token, _, _), state = taken
+            assert state is None
+            assert dialect.acquire_and_read(cursor, mid, other, 60) is None  # denied
+            meta = ("active", None, "probe", "tests")
+            assert dialect.write_and_release(cursor, mid, '{"n": 1}', None, meta, token) == (
+                True,
+                True,
+            )
+            assert dialect.live_lock(cursor, mid) is None
+            taken = dialect.acquire_and_read(cursor, mid, owner, 60)
+            assert taken is not None
+            (second, _, _), state = taken
+            assert second > token
+            assert state is not None and state[1:] == (1, meta)
+            assert json.loads(state[0]) == {"n": 1}
+            # A stale version: nothing written, the lock kept.
+            assert dialect.write_and_release(cursor, mid, '{"n": 9}', 7, None, second) == (
+                False,
+                False,
+            )
+            assert dialect.live_lock(cursor, mid) is not None
+            # The previous holder's token: fenced, nothing written, the lock kept.
+            assert dialect.write_and_release(cursor, mid, '{"n": 9}', 1, None, token) == (
+                False,
+                False,
+            )
+            assert dialect.live_lock(cursor, mid) is not None
+            changed = ("done", None, "probe", "tests")
+            assert dialect.write_and_release(cursor, mid, '{"n": 2}', 1, changed, second) == (
+                True,
+                True,
+            )
+            assert dialect.live_lock(cursor, mid) is None
+            stored = dialect.read(cursor, mid)
+            assert stored is not None and stored[1:] == (2, changed)
+            assert json.loads(stored[0]) == {"n": 2}
+    finally:
+        with connection.cursor() as cleanup:
+            for attribute, kind in objects:
+                cleanup.execute(f"DROP {kind} IF EXISTS {getattr(dialect, attribute)}")
 
 
 def test_session_inside_atomic_uses_the_classic_statements(alias: str, mid: str) -> None:

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from machine_memory.validation import Metadata
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
-ACQUIRE_AND_READ = "machine_memory_acquire_and_read"
-WRITE_AND_RELEASE = "machine_memory_write_and_release"
 # The server's error for KILL of a thread that no longer exists.
 ER_NO_SUCH_THREAD = 1094
 
@@ -73,6 +71,10 @@ class MySQLDialect(Dialect):
     # session time zone.
     now_sql = "UTC_TIMESTAMP(6)"
     from_nothing = " FROM DUAL"
+    # The procedures installed for session() (attributes: tests install them under other
+    # names to try what this code would install).
+    acquire_and_read_routine = "machine_memory_acquire_and_read"
+    write_and_release_routine = "machine_memory_write_and_release"
 
     def __init__(self) -> None:
         super().__init__()
@@ -142,7 +144,7 @@ class MySQLDialect(Dialect):
 
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
         if getattr(schema_editor.connection, "mysql_is_mariadb", False):
-            for name in (ACQUIRE_AND_READ, WRITE_AND_RELEASE):
+            for name in (self.acquire_and_read_routine, self.write_and_release_routine):
                 schema_editor.execute(f"DROP PROCEDURE IF EXISTS {name}")
             schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
@@ -214,7 +216,7 @@ class MySQLDialect(Dialect):
         # In autocommit each statement commits on its own, so the read comes after the
         # lock committed and sees every state committed before it.
         acquire_and_read = (
-            f"CREATE OR REPLACE PROCEDURE {ACQUIRE_AND_READ}"
+            f"CREATE OR REPLACE PROCEDURE {self.acquire_and_read_routine}"
             f"(p_id {id_type}, p_owner VARCHAR(255), p_ttl BIGINT)"
             " BEGIN DECLARE t BIGINT DEFAULT 0;"
             f" {self._takeover_sql() % ('p_owner', 'p_ttl', 'p_id')};"
@@ -236,7 +238,7 @@ class MySQLDialect(Dialect):
         )
         release = self.release_token_sql() % ("p_id", "p_token")
         write_and_release = (
-            f"CREATE OR REPLACE PROCEDURE {WRITE_AND_RELEASE}"
+            f"CREATE OR REPLACE PROCEDURE {self.write_and_release_routine}"
             f"(p_id {id_type}, p_state LONGTEXT, p_expected BIGINT, p_meta BOOLEAN,"
             f" p_status VARCHAR(64), p_parent {id_type}, p_initiator VARCHAR(255),"
             " p_source VARCHAR(255), p_token BIGINT)"
@@ -258,7 +260,9 @@ class MySQLDialect(Dialect):
         self, cursor: Cursor, machine_id: str, owner: str, ttl: float
     ) -> TakenRows | None:
         self._require_sequences(cursor)
-        sql = self.statement("acquire_and_read", lambda: f"CALL {ACQUIRE_AND_READ}(%s, %s, %s)")
+        sql = self.statement(
+            "acquire_and_read", lambda: f"CALL {self.acquire_and_read_routine}(%s, %s, %s)"
+        )
         row = _call(cursor, sql, (machine_id, owner, self.ttl_param(ttl)))
         if row is None:
             return None  # no lock row carries a token of this call: denied
@@ -275,7 +279,7 @@ class MySQLDialect(Dialect):
     ) -> tuple[bool, bool]:
         sql = self.statement(
             "write_and_release",
-            lambda: f"CALL {WRITE_AND_RELEASE}(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            lambda: f"CALL {self.write_and_release_routine}(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
         )
         columns = meta if meta is not None else (None, None, None, None)
         params = (machine_id, text, expected_version, meta is not None, *columns, token)

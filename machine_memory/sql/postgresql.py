@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 
 TOKEN_SEQUENCE = "machine_memory_lock_token_seq"
-ACQUIRE_AND_READ = "machine_memory_acquire_and_read"
 
 
 class PreparingCursor(psycopg.Cursor[Any]):
@@ -34,6 +33,9 @@ class PostgreSQLDialect(Dialect):
     # past; statement_timestamp() is the start of this statement.
     now_sql = "statement_timestamp()"
     json_placeholder = "%s::jsonb"
+    # The function installed for lock + read (an attribute: tests install it under another
+    # name to try what this code would install).
+    acquire_and_read_routine = "machine_memory_acquire_and_read"
 
     def new_cursor(self, connection: BaseDatabaseWrapper, *, prepare: bool) -> Cursor:
         # Django's psycopg connection binds parameters client-side and never prepares, to
@@ -69,7 +71,7 @@ class PostgreSQLDialect(Dialect):
         schema_editor.execute(self._acquire_and_read_function())
 
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
-        schema_editor.execute(f"DROP FUNCTION IF EXISTS {ACQUIRE_AND_READ}")
+        schema_editor.execute(f"DROP FUNCTION IF EXISTS {self.acquire_and_read_routine}")
         schema_editor.execute(f"DROP SEQUENCE IF EXISTS {TOKEN_SEQUENCE}")
 
     def _acquire_and_read_function(self) -> str:
@@ -87,7 +89,7 @@ class PostgreSQLDialect(Dialect):
         acquire %= ("p_id", "p_owner", "p_ttl")
         columns = ", ".join(f"s.{column.strip()}" for column in STATE_COLUMNS.split(","))
         return (
-            f"CREATE OR REPLACE FUNCTION {ACQUIRE_AND_READ}"
+            f"CREATE OR REPLACE FUNCTION {self.acquire_and_read_routine}"
             "(p_id varchar, p_owner varchar, p_ttl double precision)"
             " RETURNS TABLE (token bigint, acquired_at timestamptz, expires_at timestamptz,"
             " state jsonb, version bigint, execution_status varchar, parent_id varchar,"
@@ -134,7 +136,8 @@ class PostgreSQLDialect(Dialect):
         # _acquire_and_read_function for why not a CTE, and not a pipeline of two
         # statements, which costs the client about twice the work of one statement).
         sql = self.statement(
-            "acquire_and_read", lambda: f"SELECT * FROM {ACQUIRE_AND_READ}(%s, %s, %s)"
+            "acquire_and_read",
+            lambda: f"SELECT * FROM {self.acquire_and_read_routine}(%s, %s, %s)",
         )
         cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
         row = cursor.fetchone()

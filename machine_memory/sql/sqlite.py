@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
 
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-TOKEN_INDEX = "machine_memory_lock_token_high_water"
 
 
 class SQLiteDialect(Dialect):
@@ -26,6 +25,8 @@ class SQLiteDialect(Dialect):
     side_connection_ok = False
     in_process = True
     token_high_water_row = True
+    # The index on the token (an attribute: tests install it under another name).
+    token_index = "machine_memory_lock_token_high_water"
 
     def native(self, sql: str) -> str:
         # sqlite3 uses qmark placeholders, and a literal % needs no escaping.
@@ -42,10 +43,12 @@ class SQLiteDialect(Dialect):
         # MAX(token) on every acquire (_acquire_sql) needs an index on token. Created here,
         # not by the model, which serves databases with sequences too. A migration that
         # remakes the lock table drops it: run install() again after it (as 0002 does).
-        schema_editor.execute(f"CREATE INDEX IF NOT EXISTS {TOKEN_INDEX} ON {LOCK_TABLE} (token)")
+        schema_editor.execute(
+            f"CREATE INDEX IF NOT EXISTS {self.token_index} ON {LOCK_TABLE} (token)"
+        )
 
     def uninstall(self, schema_editor: BaseDatabaseSchemaEditor) -> None:
-        schema_editor.execute(f"DROP INDEX IF EXISTS {TOKEN_INDEX}")
+        schema_editor.execute(f"DROP INDEX IF EXISTS {self.token_index}")
 
     def reserve_writes(self, cursor: Cursor) -> None:
         # A write statement takes the database's write lock (waiting up to the busy
