@@ -416,14 +416,20 @@ def _mutated_functions(path: Path) -> dict[str, ast.FunctionDef | ast.AsyncFunct
     }
 
 
-def message_only(path: Path, mutant: str) -> bool:
-    """Whether the mutant changes only the text of an exception or a log record."""
+def _difference(path: Path, mutant: str) -> tuple[list[ast.AST], Any, Any] | None:
+    """Where the mutant's function first differs from the original: the nodes down to it,
+    and what was there before and after."""
     functions = _mutated_functions(path)
     name = mutant.rpartition(".")[2]
     orig = functions.get(function_of(name) + "__mutmut_orig")
     if orig is None or name not in functions:
-        return False
-    found = _first_difference(ast.Module(orig.body), ast.Module(functions[name].body), [])
+        return None
+    return _first_difference(ast.Module(orig.body), ast.Module(functions[name].body), [])
+
+
+def message_only(path: Path, mutant: str) -> bool:
+    """Whether the mutant changes only the text of an exception or a log record."""
+    found = _difference(path, mutant)
     if found is None:
         return False
     path_to, before, after = found
@@ -446,6 +452,75 @@ def message_only(path: Path, mutant: str) -> bool:
         )
         for node in path_to
     )
+
+
+# -- survivors equivalent by construction ------------------------------------------------------
+
+# Words whose case SQL ignores on every supported database. Identifiers are not among them:
+# MariaDB compares table names case-sensitively on Linux.
+SQL_KEYWORDS = frozenset(
+    """select from where and or not in exists insert into values on conflict do update set
+    delete returning as is null limit for with order by asc desc count coalesce max
+    nothing ignore dual interval microsecond begin end declare default if then else
+    elseif return query call procedure function create replace sequence index drop table
+    language returns plpgsql volatile found start transaction commit rollback left join
+    union all handler exit sqlexception resignal bigint int boolean varchar longtext
+    character collate utf8mb4 double precision jsonb timestamptz true false row_count
+    last_insert_id nextval utc_timestamp statement_timestamp make_interval secs strftime
+    now excluded""".split()  # noqa: SIM905 (a list of words)
+)
+
+
+def _changed_words(before: str, after: str) -> set[str] | None:
+    """The words whose case alone differs between two texts; None if more than case differs."""
+    if before.lower() != after.lower():
+        return None
+    split = re.compile(r"[A-Za-z_]+")
+    return {
+        a.lower()
+        for a, b in zip(split.findall(before), split.findall(after), strict=True)
+        if a != b
+    }
+
+
+def equivalent_by_construction(path: Path, mutant: str) -> str | None:
+    """Why a survivor changes no behaviour, when its change alone shows it; else None.
+
+    - The case of SQL keywords only: every supported database ignores it.
+    - The text of a statement-cache key (``Dialect.statement``) only: the key is a label;
+      a key that stays a unique string builds and caches the very same SQL. (A key turned
+      into None is not counted: variants of one statement would then share it.)
+    """
+    found = _difference(path, mutant)
+    if found is None:
+        return None
+    path_to, before, after = found
+    if not (isinstance(before, str) and isinstance(after, str)):
+        return None
+    words = _changed_words(before, after)
+    if words and words <= SQL_KEYWORDS:
+        return "SQL keywords in another case"
+    constant = path_to[-1] if path_to else None
+    for index, node in enumerate(path_to):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "statement"
+            and node.args
+            and index + 1 < len(path_to)
+            and path_to[index + 1] is node.args[0]
+            and isinstance(constant, ast.Constant)
+        ):
+            return "a statement-cache key's text"
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "statement"
+            and node.args
+            and node.args[0] is constant
+        ):
+            return "a statement-cache key's text"
+    return None
 
 
 # -- the summary ---------------------------------------------------------------------------------
@@ -494,7 +569,9 @@ def summary(files: Iterable[Path]) -> int:
             status = STATUS.get(code, "suspicious")
             if status == "skipped":
                 continue
-            if status == "survived" and name in listed:
+            if (status == "survived" and name in listed) or (
+                status == "survived" and equivalent_by_construction(path, name)
+            ):
                 status = "equivalent"
             elif status == "survived" and message_only(path, name):
                 status = "message"
