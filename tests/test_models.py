@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
 import time
 import unicodedata
 from typing import TYPE_CHECKING, Any
@@ -571,6 +572,53 @@ def test_ids_that_differ_in_case_spaces_or_accents_are_distinct(
     assert MachineState.objects.using(alias).filter(machine_id__in=variants).count() == len(
         variants
     )
+
+
+def test_the_columns_this_code_makes_keep_ids_and_deep_states_apart(alias: str) -> None:
+    """A table made now from the app's own fields (MachineIdField, StateField), beside the
+    migrated ones: ids differing in case, accents or trailing spaces are distinct rows and
+    lookups, and a state nested to the depth limit is stored whole. The fields' column
+    types and collation come from the vendor module at the time the table is made."""
+    from django.db import models
+    from django.test.utils import isolate_apps
+
+    from machine_memory.models import MachineIdField, StateField
+
+    connection = connections[alias]
+    with isolate_apps("machine_memory"):
+
+        class Probe(models.Model):
+            machine_id = MachineIdField(primary_key=True)
+            state = StateField()
+            parent_id = MachineIdField(null=True)
+
+            class Meta:
+                app_label = "machine_memory"
+                db_table = f"machine_memory_probe_{os.getpid()}"
+
+            def __str__(self) -> str:
+                return str(self.machine_id)
+
+        with connection.schema_editor() as editor:
+            editor.create_model(Probe)
+        try:
+            rows = Probe.objects.using(alias)
+            variants = id_variants(new_id())
+            deep: dict[str, Any] = {"leaf": True}
+            for _ in range(MAX_STATE_DEPTH - 1):
+                deep = {"d": deep}
+            for n, machine_id in enumerate(variants):
+                rows.create(
+                    machine_id=machine_id, state={"n": n, "deep": deep}, parent_id=machine_id
+                )
+            for n, machine_id in enumerate(variants):
+                (row,) = rows.filter(machine_id=machine_id)
+                assert row.machine_id == machine_id
+                assert row.state == {"n": n, "deep": deep}
+                assert [r.machine_id for r in rows.filter(parent_id=machine_id)] == [machine_id]
+        finally:
+            with connection.schema_editor() as editor:
+                editor.delete_model(Probe)
 
 
 def test_distinct_ids_get_distinct_locks(alias: str) -> None:
