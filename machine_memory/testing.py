@@ -651,6 +651,33 @@ class MachineMemoryConformance:
         assert memory.read(machine_id) is None
         assert memory.unlock(machine_id)
 
+    def test_bad_versions_and_prev_data_raise_before_storage_is_touched(self) -> None:
+        """``version=`` is a stored version (1 to 2**63 - 1) and ``prev_data`` a dict or None;
+        anything else raises and changes nothing. The largest version is accepted as an
+        argument, and conflicts like any other that is not stored."""
+        memory, machine_id = self.make_memory(), self.new_id()
+        memory.write(machine_id, {"n": 1}, None)
+        versions: list[Any] = [0, -1, 2**63, True, False, 1.0, "1"]
+        for version in versions:
+            with _raises(ValueError):
+                memory.overwrite(machine_id, {"n": 2}, version=version)
+            with _raises(ValueError):
+                memory.delete(machine_id, version=version)
+        not_dicts: list[Any] = [[], "x", 1, ({"n": 1},)]
+        for prev_data in not_dicts:
+            with _raises(InvalidState):
+                memory.write(machine_id, {"n": 2}, prev_data)
+            with _raises(InvalidState):
+                memory.delete(machine_id, prev_data)
+        assert memory.read(machine_id) == {"n": 1}
+        with _raises(WriteConflict):
+            memory.overwrite(machine_id, {"n": 2}, version=2**63 - 1)
+        with _raises(WriteConflict):
+            memory.delete(machine_id, version=2**63 - 1)
+        assert memory.overwrite(machine_id, {"n": 2}, version=1) == 2
+        memory.delete(machine_id, version=2)
+        assert memory.read(machine_id) is None
+
     def test_long_unusual_ids_round_trip(self) -> None:
         memory = self.make_memory()
         tail = "/+= é漢🙂 ~ "
