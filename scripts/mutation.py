@@ -26,7 +26,7 @@ import traceback
 from collections import Counter, defaultdict
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -456,8 +456,9 @@ def message_only(path: Path, mutant: str) -> bool:
 
 # -- survivors equivalent by construction ------------------------------------------------------
 
-# Words whose case SQL ignores on every supported database. Identifiers are not among them:
-# MariaDB compares table names case-sensitively on Linux.
+# Words whose case SQL ignores on every supported database: keywords, function names and
+# the app's column names. Not table names or aliases, which MariaDB compares
+# case-sensitively on Linux.
 SQL_KEYWORDS = frozenset(
     """select from where and or not in exists insert into values on conflict do update set
     delete returning as is null limit for with order by asc desc count coalesce max
@@ -467,7 +468,8 @@ SQL_KEYWORDS = frozenset(
     union all handler exit sqlexception resignal bigint int boolean varchar longtext
     character collate utf8mb4 double precision jsonb timestamptz true false row_count
     last_insert_id nextval utc_timestamp statement_timestamp make_interval secs strftime
-    now excluded""".split()  # noqa: SIM905 (a list of words)
+    now excluded machine_id owner token acquired_at state version fence
+    execution_status parent_id initiator source created_at updated_at""".split()  # noqa: SIM905
 )
 
 
@@ -483,42 +485,44 @@ def _changed_words(before: str, after: str) -> set[str] | None:
     }
 
 
+def _is_statement_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "statement"
+        and bool(node.args)
+    )
+
+
 def equivalent_by_construction(path: Path, mutant: str) -> str | None:
     """Why a survivor changes no behaviour, when its change alone shows it; else None.
 
     - The case of SQL keywords only: every supported database ignores it.
     - The text of a statement-cache key (``Dialect.statement``) only: the key is a label;
-      a key that stays a unique string builds and caches the very same SQL. (A key turned
-      into None is not counted: variants of one statement would then share it.)
+      a key that stays a unique string builds and caches the very same SQL. A key that is
+      a plain string names one SQL text, so even None in its place caches the same; a key
+      with variants (a tuple) turned into None is not counted, as they would share it.
     """
     found = _difference(path, mutant)
     if found is None:
         return None
     path_to, before, after = found
+    if (
+        isinstance(before, str)
+        and after is None
+        and len(path_to) >= 2
+        and _is_statement_call(path_to[-2])
+        and cast("ast.Call", path_to[-2]).args[0] is path_to[-1]
+    ):
+        return "a statement-cache key's text"
     if not (isinstance(before, str) and isinstance(after, str)):
         return None
     words = _changed_words(before, after)
     if words and words <= SQL_KEYWORDS:
         return "SQL keywords in another case"
-    constant = path_to[-1] if path_to else None
-    for index, node in enumerate(path_to):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "statement"
-            and node.args
-            and index + 1 < len(path_to)
-            and path_to[index + 1] is node.args[0]
-            and isinstance(constant, ast.Constant)
-        ):
-            return "a statement-cache key's text"
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "statement"
-            and node.args
-            and node.args[0] is constant
-        ):
+    # The changed text is the key, or a part of the key's tuple.
+    for index, node in enumerate(path_to[:-1]):
+        if _is_statement_call(node) and path_to[index + 1] is cast("ast.Call", node).args[0]:
             return "a statement-cache key's text"
     return None
 
