@@ -48,6 +48,19 @@ def prepared_statements(connection: BaseDatabaseWrapper) -> bool:
     return not connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False)
 
 
+def in_callers_transaction(connection: BaseDatabaseWrapper) -> bool:
+    """Whether ``connection`` is inside a transaction of the caller's: an ``atomic()``
+    block, or autocommit turned off (``transaction.set_autocommit(False)``).
+
+    Statements there commit, or roll back, with the caller; a lock must then use a
+    connection of its own, and a failed connection must not be replaced under the caller.
+    """
+    # Before Django connects, ``autocommit`` is False whatever the settings say.
+    return connection.in_atomic_block or (
+        connection.connection is not None and not connection.autocommit
+    )
+
+
 def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:
     """A DB-API cursor of ``connection``, connecting first if needed.
 

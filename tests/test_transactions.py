@@ -176,6 +176,67 @@ def test_unlock_and_extend_inside_atomic_on_sqlite_name_the_fix(alias: str, mid:
     assert memory.lock_info(mid) is None
 
 
+# -- a transaction the caller manages itself (autocommit off) ---------------------------------
+
+
+@contextmanager
+def autocommit_off(alias: str) -> Iterator[None]:
+    """The caller runs its own transaction (``transaction.set_autocommit(False)``), which it
+    rolls back at the end: the same rules as inside ``atomic()``."""
+    transaction.set_autocommit(False, using=alias)
+    try:
+        yield
+    finally:
+        transaction.rollback(using=alias)
+        transaction.set_autocommit(True, using=alias)
+
+
+@SERVERS
+def test_lock_and_unlock_with_autocommit_off_are_visible_at_once_and_survive_rollback(
+    alias: str, mid: str
+) -> None:
+    memory = MachineMemory(using=alias)
+    with autocommit_off(alias):
+        assert memory.lock(mid)
+        taken, info = seen_elsewhere(alias, mid)
+        assert not taken and info is not None and info.owner == memory.owner
+    assert memory.lock_info(mid) == info  # the rollback took nothing back
+    with autocommit_off(alias):
+        assert memory.unlock(mid)
+        assert seen_elsewhere(alias, mid) == (True, None)
+    assert memory.lock_info(mid) is None
+    memory.close()
+
+
+@SERVERS
+def test_session_with_autocommit_off_writes_with_the_caller_and_releases_at_once(
+    alias: str, mid: str
+) -> None:
+    """The session's write joins the caller's transaction, as a write does, and its lock is
+    released for everyone at once: no single statement may commit (or end) the caller's
+    transaction, nor keep the release back until it ends."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    with autocommit_off(alias):
+        with memory.session(mid) as s:
+            assert s.state == {"n": 0}
+            s.write({"n": 1})
+        assert seen_elsewhere(alias, mid) == (True, None)
+        assert read_elsewhere(alias, mid) == {"n": 0}
+    assert read_elsewhere(alias, mid) == {"n": 0}  # rolled back with the caller
+    assert memory.lock_info(mid) is None
+    memory.close()
+
+
+@SQLITE
+def test_lock_with_autocommit_off_on_sqlite_names_the_fix(alias: str, mid: str) -> None:
+    memory = MachineMemory(using=alias)
+    with autocommit_off(alias), pytest.raises(MachineMemoryError, match="autocommit off"):
+        memory.lock(mid)
+    assert memory.lock_info(mid) is None
+    assert seen_elsewhere(alias, mid) == (True, None)
+
+
 # -- writes join the caller's transaction ----------------------------------------------------
 
 

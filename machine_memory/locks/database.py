@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from machine_memory.connection import cursor_for
+from machine_memory.connection import cursor_for, in_callers_transaction
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.locks.base import Fence, LockBackend, LockInfo
 from machine_memory.sql import dialect_for
@@ -40,25 +40,26 @@ class DatabaseLockBackend(LockBackend):
         self.alias = database
         self.dialect = dialect_for(connections[database])
         # Per thread, like Django's own connections: a second connection used only while the
-        # caller's connection is inside transaction.atomic().
+        # caller's connection is inside a transaction of the caller's (connection()).
         self._local = threading.local()
 
     def connection(self) -> BaseDatabaseWrapper:
         """The connection lock statements run on, so they commit at once.
 
-        Outside a transaction that is the alias's own connection (autocommit). Inside the
-        caller's atomic() block a lock must not wait for, or vanish with, the caller's
-        commit, so it gets a connection of its own.
+        Outside a transaction that is the alias's own connection (autocommit). Inside a
+        transaction of the caller's (an atomic() block, or autocommit turned off) a lock
+        must not wait for, or vanish with, the caller's commit, so it gets a connection of
+        its own.
         """
         connection = connections[self.alias]
-        if not connection.in_atomic_block:
+        if not in_callers_transaction(connection):
             return connection
         if not self.dialect.side_connection_ok:
             raise MachineMemoryError(
-                f"lock(), unlock() and extend() cannot run inside transaction.atomic() on "
-                f"{connection.vendor} database {self.alias!r}: the lock would commit with "
-                "your transaction. Take the lock before entering atomic() and release it "
-                "after the block."
+                f"lock(), unlock() and extend() cannot run inside transaction.atomic() (or "
+                f"with autocommit off) on {connection.vendor} database {self.alias!r}: the "
+                "lock would commit with your transaction. Take the lock before entering "
+                "atomic() and release it after the block."
             )
         side: BaseDatabaseWrapper | None = getattr(self._local, "connection", None)
         if side is None:
@@ -113,7 +114,7 @@ class DatabaseLockBackend(LockBackend):
             side.close()
             self._local.connection = None
         connection = connections[self.alias]
-        if not connection.in_atomic_block:
+        if not in_callers_transaction(connection):
             connection.close()
 
     def end_lost_session(self) -> bool:
@@ -122,7 +123,7 @@ class DatabaseLockBackend(LockBackend):
         # The connection the failed call ran on: see connection().
         connection = connections[self.alias]
         side = getattr(self._local, "connection", None)
-        if connection.in_atomic_block and side is not None:
+        if in_callers_transaction(connection) and side is not None:
             connection = side
         return end_lost_session(connection)
 

@@ -307,11 +307,9 @@ class MySQLDialect(Dialect):
             "force_release",
             lambda: f"UPDATE {LOCK_TABLE} SET expires_at = %s WHERE machine_id = %s",
         )
+        # The lock backend's connections are in autocommit (DatabaseLockBackend.connection),
+        # so START TRANSACTION commits nothing of the caller's.
         connection = cursor.connection
-        if not connection.get_autocommit():
-            # Already in a transaction (START TRANSACTION would commit it): join it. The
-            # lock backend runs on autocommit connections, so this is for other callers.
-            return self._expire_live(cursor, read, expire, machine_id)
         cursor.execute("START TRANSACTION")
         try:
             row = self._expire_live(cursor, read, expire, machine_id)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 
-from machine_memory.connection import cursor_for, noted_session
+from machine_memory.connection import cursor_for, in_callers_transaction, noted_session
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql import dialect_for
 from machine_memory.stores.base import NothingSent, StateStore, Stored, Taken
@@ -142,11 +142,11 @@ class DatabaseStateStore(StateStore):
             )
 
     def in_transaction(self) -> bool:
-        return self.connection.in_atomic_block
+        return in_callers_transaction(self.connection)
 
     def recover(self) -> None:
         connection = self.connection
-        if not connection.in_atomic_block:
+        if not in_callers_transaction(connection):
             connection.close()
 
     def end_lost_session(self) -> bool:
@@ -165,7 +165,7 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
     decided (docs/contract.md#write).
     """
     session = noted_session(connection)
-    inside_atomic = connection.in_atomic_block
+    inside_atomic = in_callers_transaction(connection)
     if not inside_atomic:
         connection.close()
     if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False):
@@ -177,7 +177,7 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
         return True  # nothing of ours ran on a server session
     dialect = dialect_for(connection)
     if inside_atomic:
-        # The caller's atomic() keeps the broken connection until it exits: end the old
+        # The caller's transaction keeps the broken connection until it ends: end the old
         # session from a connection of our own, so it does not hold its row locks until the
         # server notices the client is gone.
         connection = connections.create_connection(connection.alias)
