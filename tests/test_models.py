@@ -602,7 +602,7 @@ def test_the_columns_this_code_makes_keep_ids_and_deep_states_apart(alias: str) 
         with connection.schema_editor() as editor:
             editor.create_model(Probe)
         try:
-            rows = Probe.objects.using(alias)
+            rows = Probe._default_manager.using(alias)
             variants = id_variants(new_id())
             deep: dict[str, Any] = {"leaf": True}
             for _ in range(MAX_STATE_DEPTH - 1):
