@@ -219,7 +219,7 @@ class MutationRunner:
         gc.collect()
         gc.freeze()  # the forks then share the session's memory instead of copying it
         for n, (data, name) in enumerate(chosen, 1):
-            tests = self.order(t for t in self.tests_of.get(function_of(name), ()) if t in by_id)
+            tests = self.order(t for t in self.tests_reaching(function_of(name)) if t in by_id)
             began = time.monotonic()
             if not tests:
                 code = NO_TESTS
@@ -246,6 +246,18 @@ class MutationRunner:
                     flush=True,
                 )
         gc.unfreeze()
+
+    def tests_reaching(self, function: str) -> set[str]:
+        """The tests that ran ``function`` in the clean run. A constructor gets those of
+        every method of its class too: an object made once (a dialect, by the first test that
+        needs one) is used by tests that never see it made."""
+        tests = set(self.tests_of.get(function, ()))
+        if function.endswith("ǁ__init__"):
+            cls = function.removesuffix("__init__")
+            for other, reached in self.tests_of.items():
+                if other.startswith(cls):
+                    tests |= reached
+        return tests
 
     def order(self, tests: Iterable[str]) -> list[str]:
         """Fastest first, one variant of each test before the second of any: the variants
