@@ -41,3 +41,22 @@ def test_an_async_session_writes_once(alias: str, mid: str) -> None:
     finally:
         memory.close()
     assert memory.read(mid) == {"n": 1}
+
+
+def test_awrite_sets_the_metadata_columns(alias: str, mid: str) -> None:
+    """awrite() passes the caller's metadata on, as write() does."""
+    memory = MachineMemory(using=alias)
+
+    async def scenario() -> None:
+        await memory.awrite(mid, {"n": 1}, None, metadata={"source": "a", "initiator": "me"})
+        row = await MachineState.objects.using(alias).aget(pk=mid)
+        assert (row.source, row.initiator, row.version) == ("a", "me", 1)
+        state = await memory.aread(mid)
+        await memory.awrite(mid, {"n": 2}, state, metadata={"source": "b"})
+        row = await MachineState.objects.using(alias).aget(pk=mid)
+        assert (row.source, row.initiator, row.version) == ("b", None, 2)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        memory.close()
