@@ -452,18 +452,37 @@ def message_only(path: Path, mutant: str) -> bool:
         if len(before) != 1:
             return False
         before, after = before[0], None
-    if not _is_message(before) or (after is not None and not isinstance(after, ast.Constant)):
+    if after is not None and not isinstance(after, ast.Constant):
+        return False
+    # An argument of a log call (its text or what fills it in) is the record's text.
+    logged = [node for node in path_to if _is_log_call(node)]
+    if logged and any(
+        arg is before or any(sub is before for sub in ast.walk(arg)) for arg in logged[-1].args
+    ):
+        return True
+    if not _is_message(before):
         return False
     return any(
-        isinstance(node, ast.Raise)
-        or (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id in ("logger", "warnings")
-        )
+        isinstance(node, ast.Raise) or _is_log_call(node) or _is_exception_call(node)
         for node in path_to
     )
+
+
+def _is_log_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id in ("logger", "warnings")
+    )
+
+
+def _is_exception_call(node: ast.AST) -> bool:
+    """An exception made to be returned or raised elsewhere: ``WriteError(...)``."""
+    if not isinstance(node, ast.Call):
+        return False
+    name = node.func.id if isinstance(node.func, ast.Name) else ""
+    return name.endswith(("Error", "Conflict", "Lost", "Unknown", "NotAcquired"))
 
 
 # -- survivors equivalent by construction ------------------------------------------------------
