@@ -36,6 +36,7 @@ from machine_memory.exceptions import (
     WriteConflict,
     WriteOutcomeUnknown,
 )
+from tests.test_session import WRITE_AND_RELEASE
 from tests.workers import ThreadRun
 
 if TYPE_CHECKING:
@@ -43,10 +44,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_URL = os.environ.get("MM_CELERY_BROKER_URL", "redis://127.0.0.1:6379/11")
-WRITE_AND_RELEASE = {
-    "postgres": b"WITH w AS (",
-    "mariadb": b"CALL machine_memory_write_and_release(",
-}
 
 
 def count(state: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
