@@ -456,9 +456,7 @@ def message_only(path: Path, mutant: str) -> bool:
         return False
     # An argument of a log call (its text or what fills it in) is the record's text.
     logged = [node for node in path_to if _is_log_call(node)]
-    if logged and any(
-        arg is before or any(sub is before for sub in ast.walk(arg)) for arg in logged[-1].args
-    ):
+    if logged and any(sub is before for arg in logged[-1].args for sub in ast.walk(arg)):
         return True
     if not _is_message(before):
         return False

@@ -42,6 +42,19 @@ def state_row(row: Any) -> tuple[Any, int, Metadata] | None:
     return (row[0], int(row[1]), tuple(row[2:6]))
 
 
+def state_columns_of(alias: str) -> str:
+    """The STATE_COLUMNS of table alias ``alias`` (``s.state, s.version, …``)."""
+    return ", ".join(f"{alias}.{column.strip()}" for column in STATE_COLUMNS.split(","))
+
+
+def taken_rows(row: Any) -> TakenRows | None:
+    """``acquire_and_read``'s answer from one result row: the lock's token, acquired_at and
+    expires_at, then the STATE_COLUMNS (NULL where there is no state); None: denied."""
+    if row is None:
+        return None
+    return (int(row[0]), row[1], row[2]), state_row(row[3:])
+
+
 class Dialect:
     vendor = "standard"
     # The database clock, as a SQL expression.

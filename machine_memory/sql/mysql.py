@@ -16,7 +16,7 @@ from django.db import IntegrityError, OperationalError
 
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.locks.base import Fence
-from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, state_row
+from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, state_columns_of, taken_rows
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -208,8 +208,7 @@ class MySQLDialect(Dialect):
         # Ids compare as the id columns do: binary, NO PAD (see id_collation).
         id_type = "VARCHAR(512) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
         read_lock_and_state = (
-            "SELECT l.token, l.acquired_at, l.expires_at, s.state, s.version,"
-            " s.execution_status, s.parent_id, s.initiator, s.source"
+            f"SELECT l.token, l.acquired_at, l.expires_at, {state_columns_of('s')}"
             f" FROM {LOCK_TABLE} l LEFT JOIN {STATE_TABLE} s ON s.machine_id = l.machine_id"
             " WHERE l.machine_id = p_id AND l.token = t"
         )
@@ -263,10 +262,8 @@ class MySQLDialect(Dialect):
         sql = self.statement(
             "acquire_and_read", lambda: f"CALL {self.acquire_and_read_routine}(%s, %s, %s)"
         )
-        row = _call(cursor, sql, (machine_id, owner, self.ttl_param(ttl)))
-        if row is None:
-            return None  # no lock row carries a token of this call: denied
-        return (int(row[0]), row[1], row[2]), state_row(row[3:])
+        # No row when no lock row carries a token of this call: denied.
+        return taken_rows(_call(cursor, sql, (machine_id, owner, self.ttl_param(ttl))))
 
     def write_and_release(
         self,

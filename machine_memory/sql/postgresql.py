@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from machine_memory.sql.base import LOCK_TABLE, STATE_COLUMNS, STATE_TABLE, Dialect, state_row
+from machine_memory.sql.base import LOCK_TABLE, STATE_TABLE, Dialect, state_columns_of, taken_rows
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -87,7 +87,6 @@ class PostgreSQLDialect(Dialect):
         # The statement of acquire(), its parameters the function's.
         acquire = self._acquire_sql("l.token, l.acquired_at, l.expires_at")
         acquire %= ("p_id", "p_owner", "p_ttl")
-        columns = ", ".join(f"s.{column.strip()}" for column in STATE_COLUMNS.split(","))
         return (
             f"CREATE OR REPLACE FUNCTION {self.acquire_and_read_routine}"
             "(p_id varchar, p_owner varchar, p_ttl double precision)"
@@ -100,7 +99,7 @@ class PostgreSQLDialect(Dialect):
             " DECLARE t bigint; a timestamptz; e timestamptz;"
             f" BEGIN {acquire} INTO t, a, e;"
             " IF NOT FOUND THEN RETURN; END IF;"
-            f" RETURN QUERY SELECT t, a, e, {columns}"
+            f" RETURN QUERY SELECT t, a, e, {state_columns_of('s')}"
             f" FROM (SELECT 1) AS one LEFT JOIN {STATE_TABLE} AS s ON s.machine_id = p_id;"
             " END $body$"
         )
@@ -140,10 +139,7 @@ class PostgreSQLDialect(Dialect):
             lambda: f"SELECT * FROM {self.acquire_and_read_routine}(%s, %s, %s)",
         )
         cursor.execute(sql, (machine_id, owner, self.ttl_param(ttl)))
-        row = cursor.fetchone()
-        if row is None:
-            return None
-        return (int(row[0]), row[1], row[2]), state_row(row[3:])
+        return taken_rows(cursor.fetchone())
 
     def write_then_release(
         self, cursor: Cursor, write: str, params: tuple[Any, ...], release: tuple[str, int]

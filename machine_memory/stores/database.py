@@ -165,8 +165,8 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
     decided (docs/contract.md#write).
     """
     session = noted_session(connection)
-    inside_atomic = in_callers_transaction(connection)
-    if not inside_atomic:
+    inside = in_callers_transaction(connection)
+    if not inside:
         connection.close()
     if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS", False):
         # Behind a pooler (Django's hint) the session id names the pooler's client slot,
@@ -176,7 +176,7 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
     if session is None:
         return True  # nothing of ours ran on a server session
     dialect = dialect_for(connection)
-    if inside_atomic:
+    if inside:
         # The caller's transaction keeps the broken connection until it ends: end the old
         # session from a connection of our own, so it does not hold its row locks until the
         # server notices the client is gone.
