@@ -38,6 +38,9 @@ MUTANTS = ROOT / "mutants"
 SURVIVORS = ROOT / "docs" / "mutation-survivors.md"
 # The mutants last judged on part of their tests (--budget): a survivor there may yet die.
 PARTIAL = MUTANTS / "mutation-partial.json"
+# For each function, the tests that killed its mutants and how many: tried first on the next
+# mutant of that function (mutants of one function mostly fall to the same few tests).
+KILLERS = MUTANTS / "mutation-killers.json"
 VIEWS = "machine_memory.contrib.rest_framework.views."
 # Of the API, only the precondition handling (If-Match, If-None-Match, Lock-Token) is
 # contract code; the other functions of views.py are generated but skipped.
@@ -133,11 +136,24 @@ class MutationRunner:
     """A pytest plugin: runs the selected tests once recording which functions each one
     reaches (mutmut's "stats" trampolines), then each mutant in a fork."""
 
-    def __init__(self, files: list[Path], patterns: list[str], resume: bool, budget: float) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        patterns: list[str],
+        *,
+        resume: bool,
+        survivors: bool,
+        budget: float,
+    ) -> None:
         self.files = files
         self.patterns = patterns
         self.resume = resume
+        self.survivors = survivors
         self.budget = budget
+        self.killers: dict[str, Counter[str]] = defaultdict(Counter)
+        if KILLERS.exists():
+            for function, counts in json.loads(KILLERS.read_text()).items():
+                self.killers[function].update(counts)
         self.partial: set[str] = set()
         self.passed: set[str] = set()
         self.failed: set[str] = set()
@@ -201,12 +217,17 @@ class MutationRunner:
             for name, code in data.exit_code_by_key.items():
                 if name.startswith(VIEWS) and function_of(name) not in API_PRECONDITIONS:
                     data.exit_code_by_key[name] = SKIPPED
-                elif self.patterns and not any(fnmatch.fnmatch(name, p) for p in self.patterns):
-                    continue
-                elif not (self.resume and code is not None):
+                elif self.wanted(name, code):
                     chosen.append((data, name))
             data.save()
         return chosen
+
+    def wanted(self, name: str, code: int | None) -> bool:
+        if self.patterns and not any(fnmatch.fnmatch(name, p) for p in self.patterns):
+            return False
+        if self.survivors:
+            return code in (SURVIVED, NO_TESTS)
+        return not (self.resume and code is not None)
 
     def run_mutants(self, by_id: dict[str, pytest.Item], level: _SessionLevel) -> None:
         from django.db import connections
@@ -219,14 +240,18 @@ class MutationRunner:
         gc.collect()
         gc.freeze()  # the forks then share the session's memory instead of copying it
         for n, (data, name) in enumerate(chosen, 1):
-            tests = self.order(t for t in self.tests_reaching(function_of(name)) if t in by_id)
+            function = function_of(name)
+            tests = self.order(function, (t for t in self.tests_reaching(function) if t in by_id))
             began = time.monotonic()
             if not tests:
                 code = NO_TESTS
             else:
                 for connection in connections.all():
                     connection.close()  # no socket shared with a fork
-                code = self.run_one(name, [by_id[t] for t in tests], level)
+                code, killer = self.run_one(name, [by_id[t] for t in tests], level)
+                if killer is not None:
+                    self.killers[function][killer] += 1
+                    KILLERS.write_text(json.dumps(self.killers, ensure_ascii=False, indent=0))
                 if code == TIMEOUT:
                     self.expire_live_locks()
             counts[code] += 1
@@ -259,19 +284,28 @@ class MutationRunner:
                     tests |= reached
         return tests
 
-    def order(self, tests: Iterable[str]) -> list[str]:
-        """Fastest first, one variant of each test before the second of any: the variants
-        of a parametrised test (one per database, per lock backend) seldom disagree."""
+    def order(self, function: str, tests: Iterable[str]) -> list[str]:
+        """The tests that killed mutants of ``function`` before, most kills first; then the
+        others fastest first, one variant of each test before the second of any: the
+        variants of a parametrised test (one per database, per lock backend) seldom
+        disagree."""
+        killers = self.killers.get(function, Counter())
+        tests = set(tests)
+        first = sorted((t for t in tests if killers[t]), key=lambda t: (-killers[t], t))
         variants: dict[str, list[str]] = defaultdict(list)
-        for test in sorted(tests, key=lambda t: self.duration[t]):
+        for test in sorted(tests - set(first), key=lambda t: self.duration[t]):
             variants[test.partition("[")[0]].append(test)
         rounds: dict[int, list[str]] = defaultdict(list)
         for same in variants.values():
             for n, test in enumerate(same):
                 rounds[n].append(test)
-        return [test for n in sorted(rounds) for test in rounds[n]]
+        return first + [test for n in sorted(rounds) for test in rounds[n]]
 
-    def run_one(self, name: str, tests: list[pytest.Item], level: _SessionLevel) -> int:
+    def run_one(
+        self, name: str, tests: list[pytest.Item], level: _SessionLevel
+    ) -> tuple[int, str | None]:
+        """The mutant's exit code, and the test that killed it (None: none did, or a
+        timeout)."""
         if self.budget:
             # Within the budget (the clean durations); at least one test.
             spent = 0.0
@@ -284,9 +318,13 @@ class MutationRunner:
         limits = [max(MIN_TEST_TIME, TIME_FACTOR * self.duration[t.nodeid]) for t in tests]
         sys.stdout.flush()
         sys.stderr.flush()
+        # The fork writes the node id of the test that failed here.
+        report_read, report_write = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os._exit(_child(name, tests, limits, level))
+            os.close(report_read)
+            os._exit(_child(name, tests, limits, level, report_write))
+        os.close(report_write)
         # The fork ends a test that runs over its limit itself; this is for a fork stuck
         # where no signal handler runs.
         deadline = time.monotonic() + sum(limits) + 10
@@ -299,8 +337,10 @@ class MutationRunner:
         finally:
             os.close(fd)
         _, status = os.waitpid(pid, 0)
+        with os.fdopen(report_read, "rb") as report:
+            killer = report.read().decode() or None
         code = os.waitstatus_to_exitcode(status)
-        return TIMEOUT if code < 0 else code
+        return (TIMEOUT, None) if code < 0 else (code, killer if code == KILLED else None)
 
     @staticmethod
     def expire_live_locks() -> None:
@@ -334,8 +374,11 @@ class MutationRunner:
 _CONFIG: list[pytest.Config] = []
 
 
-def _child(name: str, tests: list[pytest.Item], limits: list[float], level: _SessionLevel) -> int:
-    """In the fork: the tests against mutant ``name`` until one fails. An exit code."""
+def _child(
+    name: str, tests: list[pytest.Item], limits: list[float], level: _SessionLevel, report: int
+) -> int:
+    """In the fork: the tests against mutant ``name`` until one fails. An exit code; the
+    failed test's node id is written to the file descriptor ``report``."""
     from _pytest.runner import runtestprotocol
     from mutmut.mutation.trampoline import set_mutant_under_test
 
@@ -353,7 +396,8 @@ def _child(name: str, tests: list[pytest.Item], limits: list[float], level: _Ses
                 item, log=False, nextitem=tests[i + 1] if i + 1 < len(tests) else level
             )
             signal.setitimer(signal.ITIMER_REAL, 0)
-            if any(report.failed for report in reports):
+            if any(r.failed for r in reports):
+                os.write(report, item.nodeid.encode())
                 return KILLED
         return SURVIVED
     except BaseException:
@@ -668,12 +712,18 @@ def _row(module: str, count: Counter[str], columns: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        usage="%(prog)s [-h] [--resume] [--summary] [patterns ...] [-- pytest arguments]",
+        usage="%(prog)s [-h] [--resume | --survivors] [--budget SECONDS] [--summary]"
+        " [patterns ...] [-- pytest arguments]",
     )
     parser.add_argument(
         "patterns", nargs="*", help="mutant names or globs to run (default: every mutant)"
     )
     parser.add_argument("--resume", action="store_true", help="skip mutants that have a result")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="run only the mutants that survived, or had no test, last time",
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -712,7 +762,13 @@ def main() -> int:
             ],
             plugins=[
                 _ConfigKeeper(),
-                MutationRunner(files, args.patterns, args.resume, args.budget),
+                MutationRunner(
+                    files,
+                    args.patterns,
+                    resume=args.resume,
+                    survivors=args.survivors,
+                    budget=args.budget,
+                ),
             ],
         )
     finally:
