@@ -123,8 +123,10 @@ def encode_state(data: object, max_bytes: int) -> str:
     """Validate ``data`` and return its compact JSON text."""
     if not isinstance(data, dict):
         raise InvalidState(f"State must be a dict (a JSON object), not {type(data).__name__}.")
+    # Outside the try: its InvalidState is a ValueError, which the encoder's handler below
+    # would wrap in a second message.
+    _check_keys(data)
     try:
-        _check_keys(data)
         text = _encoder.encode(data)
     except RecursionError:
         raise InvalidState("State is nested too deeply to encode as JSON.") from None

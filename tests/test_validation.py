@@ -21,6 +21,7 @@ from machine_memory.validation import (
     json_equal,
     resolve_metadata,
     validate_id,
+    validate_owner,
 )
 
 LIMIT = 1_048_576
@@ -467,3 +468,156 @@ def test_encode_state_rejects_nul_but_not_a_literal_backslash_u0000() -> None:
         with pytest.raises(InvalidState, match="NUL"):
             encode_state(bad, LIMIT)
     assert encode_state({"a": "\\u0000"}, LIMIT) == '{"a":"\\\\u0000"}'
+
+
+# -- the messages ----------------------------------------------------------------------------
+# What a refusal says is part of the contract (docs/contract.md#bad-arguments): it names
+# what is wrong and what to do. Each message is pinned whole, so a changed or dropped part
+# of one is a failing test, not a silent change.
+
+
+def _nan_refusal() -> str:
+    try:
+        json.dumps(math.nan, allow_nan=False)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("json accepted NaN")
+
+
+NAN_REFUSAL = _nan_refusal()
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+@pytest.mark.parametrize(
+    ("machine_id", "message"),
+    [
+        (1, "Machine ids must be str, not int; pass the Arvo subject as a string."),
+        (None, "Machine ids must be str, not NoneType; pass the Arvo subject as a string."),
+        ("", "Machine id must be a non-empty string."),
+        ("x" * (MAX_ID_LENGTH + 1), "Machine id is 513 characters long; the limit is 512."),
+        ("a\x00b", "Machine id must not contain NUL characters."),
+        (
+            "lone \ud800",
+            "Machine id contains unpaired surrogates and cannot be stored as UTF-8.",
+        ),
+    ],
+    ids=lambda value: repr(value)[:30],
+)
+def test_validate_id_says_what_is_wrong(machine_id: Any, message: str) -> None:
+    with pytest.raises(InvalidMachineId) as info:
+        validate_id(machine_id)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("owner", "message"),
+    [
+        ("", "owner must be a non-empty str of at most 255 characters; got ''."),
+        (7, "owner must be a non-empty str of at most 255 characters; got 7."),
+        (
+            "o" * 256,
+            "owner must be a non-empty str of at most 255 characters; got '" + "o" * 79 + ".",
+        ),
+        ("w\x00", "owner must not contain NUL characters."),
+        ("w\udc00", "owner contains unpaired surrogates and cannot be stored as UTF-8."),
+    ],
+    ids=lambda value: repr(value)[:30],
+)
+def test_validate_owner_says_what_is_wrong(owner: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^owner ") as info:
+        validate_owner(owner)
+    assert str(info.value) == message
+
+
+def test_validate_owner_accepts_the_longest_owner_by_value() -> None:
+    assert validate_owner("o" * 255) == "o" * 255
+    assert type(validate_owner(Subject("w-1"))) is str
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "State must be a dict (a JSON object), not list."),
+        (
+            {1: "a"},
+            "State keys must be str at every depth; found int key 1. Convert keys to "
+            "strings before writing.",
+        ),
+        (
+            {"a": [{None: 1}]},
+            "State keys must be str at every depth; found NoneType key None. "
+            "Convert keys to strings before writing.",
+        ),
+        (
+            {"n": math.nan},
+            # Python's own words in the middle (they differ between versions).
+            f"State is not strict JSON ({NAN_REFUSAL}); NaN, Infinity and cycles are not allowed.",
+        ),
+        (
+            {"s": {1, 2} and Opaque()},
+            "State is not JSON-serialisable: Object of type Opaque is not JSON serializable.",
+        ),
+        (
+            {"k": "a\x00"},
+            "State contains a NUL character (\\u0000) in a string or key, which "
+            "PostgreSQL cannot store; remove or replace it.",
+        ),
+        ({"k": "\ud800x"}, "State contains unpaired surrogates and cannot be stored as UTF-8."),
+        (
+            {"k": "x" * 20},
+            "State is 28 bytes as compact JSON; the limit is 27 "
+            "(MACHINE_MEMORY['MAX_STATE_BYTES']).",
+        ),
+        (
+            nested_lists(300)[0] and {"deep": nested_lists(300)},
+            "State is nested too deeply: more than 256 levels of objects and arrays. Flatten it.",
+        ),
+    ],
+    ids=lambda value: repr(value)[:30],
+)
+def test_encode_state_says_what_is_wrong(data: Any, message: str) -> None:
+    with pytest.raises(InvalidState) as info:
+        encode_state(data, 27)
+    assert str(info.value) == message
+
+
+def test_decode_state_says_what_was_stored() -> None:
+    with pytest.raises(InvalidState) as info:
+        decode_state("[1]")
+    assert str(info.value) == "Stored state is a list, not a JSON object."
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        (["subject"], "metadata must be a mapping, not list."),
+        (
+            {"executionStatus": "x", "zeta": 1},
+            "Unknown metadata keys ['executionStatus', 'zeta']; allowed: subject, "
+            "parent_subject, initiator, source.",
+        ),
+        (
+            {"subject": "m-2"},
+            "metadata['subject'] is 'm-2' but the machine id is 'm-1'; the subject is the "
+            "machine id.",
+        ),
+        ({"source": 1}, "metadata['source'] must be a str or None."),
+        (
+            {"initiator": "i" * 256},
+            "metadata['initiator'] is longer than 255 characters.",
+        ),
+        (
+            {"parent_subject": "p\x00"},
+            "metadata['parent_subject'] must not contain NUL characters.",
+        ),
+    ],
+    ids=lambda value: repr(value)[:30],
+)
+def test_resolve_metadata_says_what_is_wrong(metadata: Any, message: str) -> None:
+    with pytest.raises(InvalidState) as info:
+        resolve_metadata({}, metadata, "m-1")
+    assert str(info.value) == message
