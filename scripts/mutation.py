@@ -226,7 +226,7 @@ class MutationRunner:
         if self.patterns and not any(fnmatch.fnmatch(name, p) for p in self.patterns):
             return False
         if self.survivors:
-            return code in (SURVIVED, NO_TESTS)
+            return code in (SURVIVED, NO_TESTS, None)
         return not (self.resume and code is not None)
 
     def run_mutants(self, by_id: dict[str, pytest.Item], level: _SessionLevel) -> None:
@@ -722,7 +722,7 @@ def main() -> int:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="run only the mutants that survived, or had no test, last time",
+        help="run only the mutants that survived, had no test or have no result",
     )
     parser.add_argument(
         "--budget",
