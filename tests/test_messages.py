@@ -1,0 +1,187 @@
+"""What ``MachineMemory`` says when it refuses, on every database.
+
+The type of an error tells a program what happened; its message tells the person reading
+the log what to do (docs/contract.md#exceptions). Each message here is pinned whole, so a
+changed or dropped part of one fails a test instead of slipping through. The validation
+messages are pinned in test_validation.py.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from machine_memory import MachineMemory
+from machine_memory.exceptions import (
+    InvalidState,
+    LockLost,
+    LockNotAcquired,
+    MachineMemoryError,
+    WriteConflict,
+)
+from machine_memory.stores.memory import InMemoryStateStore
+from machine_memory.testing import SimpleMachineMemory
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture
+def other(alias: str) -> Iterator[MachineMemory]:
+    """A second worker on the same database."""
+    memory = MachineMemory(using=alias)
+    yield memory
+    memory.close()
+
+
+def message(exc_info: pytest.ExceptionInfo[BaseException]) -> str:
+    return str(exc_info.value)
+
+
+def test_creating_a_state_that_exists(memory: MachineMemory, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    with pytest.raises(WriteConflict) as raised:
+        memory.write(mid, {"n": 2}, None)
+    assert message(raised) == (
+        f"Machine {mid!r} already has a state (version 1); read it and pass it as prev_data."
+    )
+
+
+def test_a_stale_prev_data(memory: MachineMemory, other: MachineMemory, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    mine, theirs = memory.read(mid), other.read(mid)
+    other.write(mid, {"n": 2}, theirs)
+    with pytest.raises(WriteConflict) as raised:
+        memory.write(mid, {"n": 3}, mine)
+    assert message(raised) == (
+        f"Machine {mid!r}: expected stored version 1, found 2. "
+        "Read the state again and retry the event."
+    )
+
+
+def test_prev_data_that_was_never_read(memory: MachineMemory, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    with pytest.raises(WriteConflict) as raised:
+        memory.write(mid, {"n": 3}, {"n": 0})
+    assert message(raised) == (
+        f"Machine {mid!r}: prev_data is neither the object read() returned nor equal to the "
+        "stored state (version 1). Read again and retry."
+    )
+
+
+def test_prev_data_without_a_state(memory: MachineMemory, mid: str) -> None:
+    with pytest.raises(WriteConflict) as raised:
+        memory.write(mid, {"n": 1}, {"n": 0})
+    assert message(raised) == (
+        f"Machine {mid!r} has no stored state, but prev_data was given; "
+        "pass prev_data=None to create it."
+    )
+
+
+def test_a_write_after_a_takeover(memory: MachineMemory, other: MachineMemory, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    state = memory.read(mid)
+    assert memory.lock(mid, ttl=0.2)
+    token = memory.held_token(mid)
+    time.sleep(0.3)
+    assert other.lock(mid)
+    try:
+        with pytest.raises(LockLost) as raised:
+            memory.write(mid, {"n": 2}, state)
+    finally:
+        other.unlock(mid)
+        memory.unlock(mid)
+    assert message(raised) == (
+        f"Machine {mid!r}: this worker's lock (token {token}) was taken over by another "
+        "owner; nothing was written. Drop the event; it will be redelivered."
+    )
+
+
+def test_no_state_to_overwrite(memory: MachineMemory, mid: str) -> None:
+    with pytest.raises(WriteConflict) as raised:
+        memory.overwrite(mid, {"n": 1})
+    assert message(raised) == (
+        f"Machine {mid!r} has no state to overwrite; create it with write(id, data, None)."
+    )
+
+
+def test_no_state_to_delete(memory: MachineMemory, mid: str) -> None:
+    with pytest.raises(WriteConflict) as raised:
+        memory.delete(mid, version=1)
+    assert message(raised) == f"Machine {mid!r} has no state to delete."
+
+
+def test_another_version_than_the_one_pinned(memory: MachineMemory, mid: str) -> None:
+    memory.write(mid, {"n": 1}, None)
+    with pytest.raises(WriteConflict) as raised:
+        memory.delete(mid, version=2)
+    assert message(raised) == (
+        f"Machine {mid!r}: expected stored version 2, found 1. "
+        "Read the state again and retry the event."
+    )
+
+
+def test_a_denied_session(memory: MachineMemory, other: MachineMemory, mid: str) -> None:
+    assert other.lock(mid)
+    try:
+        with pytest.raises(LockNotAcquired) as raised, memory.session(mid):
+            pass
+    finally:
+        other.unlock(mid)
+    assert message(raised) == f"Machine {mid!r} is locked by another owner; retry the event later."
+
+
+def test_a_session_that_wrote_already(memory: MachineMemory, mid: str) -> None:
+    with memory.session(mid) as session:
+        session.write({"n": 1})
+        with pytest.raises(MachineMemoryError) as raised:
+            session.write({"n": 2})
+    assert message(raised) == (
+        f"This session on {mid!r} has written already and its lock is released; open a new "
+        "session for the next event."
+    )
+
+
+# -- arguments: refused before storage is touched, so no database is needed ------------------
+
+
+@pytest.fixture
+def local() -> MachineMemory:
+    return SimpleMachineMemory()
+
+
+@pytest.mark.parametrize("version", [0, True, 2**63, "1"], ids=repr)
+def test_a_version_that_cannot_be_stored(local: MachineMemory, version: object) -> None:
+    with pytest.raises(ValueError, match=r"^version ") as raised:
+        local.delete("m", version=version)  # type: ignore[arg-type]
+    assert message(raised) == (
+        f"version must be a positive int (a stored version); got {version!r}."
+    )
+
+
+def test_prev_data_of_the_wrong_type(local: MachineMemory) -> None:
+    with pytest.raises(InvalidState) as raised:
+        local.write("m", {"n": 1}, ["n"])  # type: ignore[arg-type]
+    assert message(raised) == (
+        "prev_data must be the dict read() returned (or an equal dict), or None to create "
+        "the state; got list."
+    )
+    with pytest.raises(InvalidState) as raised:
+        local.delete("m", "n")  # type: ignore[arg-type]
+    assert message(raised) == (
+        "prev_data must be the dict read() returned (or an equal dict), or None; got str."
+    )
+
+
+def test_arguments_that_contradict_each_other(local: MachineMemory) -> None:
+    with pytest.raises(ValueError, match=r"^create=True ") as raised:
+        local.overwrite("m", {"n": 1}, version=1, create=True)
+    assert message(raised) == "create=True stores over whatever version exists; pass no version."
+    with pytest.raises(ValueError, match=r"^Pass ") as raised:
+        local.delete("m", {"n": 1}, version=1)
+    assert message(raised) == "Pass prev_data or version, not both."
+    with pytest.raises(ValueError, match=r"^Pass ") as raised:
+        MachineMemory(using="default", store=InMemoryStateStore())
+    assert message(raised) == "Pass using= (a database alias) or store=, not both."
