@@ -8,8 +8,11 @@ messages are pinned in test_validation.py.
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -185,3 +188,35 @@ def test_arguments_that_contradict_each_other(local: MachineMemory) -> None:
     with pytest.raises(ValueError, match=r"^Pass ") as raised:
         MachineMemory(using="default", store=InMemoryStateStore())
     assert message(raised) == "Pass using= (a database alias) or store=, not both."
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad", "expected"),
+    [
+        ("lock_ttl", 7.5, 0, "a number of seconds (or a timedelta) from 0.001 to 2592000"),
+        ("lock_retries", 5, -1, "a non-negative int"),
+        ("lock_backoff", 0.25, 61, "a number of seconds from 0 to 60"),
+        ("read_retries", 4, 1.5, "a non-negative int"),
+        ("read_backoff", 0.5, -0.1, "a number of seconds from 0 to 60"),
+        ("max_state_bytes", 4096, 0, "a positive int"),
+        ("cleanup", "delete", "purge", '"keep" or "delete"'),
+    ],
+)
+def test_each_option_is_kept_or_refused_by_its_name(
+    name: str, good: Any, bad: Any, expected: str
+) -> None:
+    attribute = "cleanup_mode" if name == "cleanup" else name
+    assert getattr(SimpleMachineMemory(**{name: good}), attribute) == good
+    with pytest.raises(ValueError, match=f"^{name} ") as raised:
+        SimpleMachineMemory(**{name: bad})
+    assert message(raised) == f"{name} is {bad!r}; it must be {expected}."
+
+
+def test_the_default_owner_names_the_host_and_the_process() -> None:
+    # docs/contract.md: each instance is one owner, "<host>:<pid>:<random>".
+    owners = {SimpleMachineMemory().owner for _ in range(20)}
+    assert len(owners) == 20
+    for owner in owners:
+        host, pid, nonce = owner.rsplit(":", 2)
+        assert (host, pid) == (socket.gethostname(), str(os.getpid()))
+        assert re.fullmatch("[0-9a-f]{8}", nonce), owner
