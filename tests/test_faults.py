@@ -144,6 +144,16 @@ def test_read_of_a_refusing_server_makes_each_attempt_on_a_new_connection(
         assert refusing.proxy.refused == memory.read_retries + 1
 
 
+def test_read_stops_retrying_at_its_deadline(refusing: ProxiedDatabase, mid: str) -> None:
+    # Backing off from 0.2 s: the attempts start at about 0, 0.2 and 0.6 s; the next pause
+    # (0.8 s) would start the fourth attempt past the one-second deadline, so there is none,
+    # however many retries are allowed.
+    memory = MachineMemory(using=refusing.alias, read_retries=10, read_backoff=0.2)
+    with pytest.raises(ReadError):
+        memory.read(mid)
+    assert refusing.proxy.refused == 3
+
+
 def test_write_raises_write_error_after_a_single_attempt(down: MachineMemory, mid: str) -> None:
     with pytest.raises(WriteError) as raised:
         down.write(mid, {"n": 1}, None)
