@@ -24,6 +24,7 @@ from machine_memory.exceptions import (
     MachineMemoryError,
     WriteConflict,
 )
+from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.stores.memory import InMemoryStateStore
 from machine_memory.testing import SimpleMachineMemory
 
@@ -220,3 +221,27 @@ def test_the_default_owner_names_the_host_and_the_process() -> None:
         host, pid, nonce = owner.rsplit(":", 2)
         assert (host, pid) == (socket.gethostname(), str(os.getpid()))
         assert re.fullmatch("[0-9a-f]{8}", nonce), owner
+
+
+def test_lock_backends_that_do_not_fit(alias: str) -> None:
+    with pytest.raises(TypeError) as not_one:
+        MachineMemory(using=alias, lock_backend="machine_memory.memory.MachineMemory")
+    assert message(not_one) == (
+        "'machine_memory.memory.MachineMemory' is not a machine_memory.locks.base.LockBackend "
+        "subclass."
+    )
+    # Database locks beside states that are not in a database: by name, then as an instance
+    # made for another database's states.
+    with pytest.raises(MachineMemoryError) as raised:
+        MachineMemory(store=InMemoryStateStore(), lock_backend="database")
+    assert message(raised) == (
+        "Database locks live beside the states in a database; this memory's states are not "
+        "in one. Pass a lock backend of the same storage."
+    )
+    store = InMemoryStateStore()
+    with pytest.raises(MachineMemoryError) as raised:
+        MachineMemory(store=store, lock_backend=DatabaseLockBackend(database=alias))
+    assert message(raised) == (
+        f"DatabaseLockBackend fences writes through lock rows beside the states, but they are "
+        f"not in {store!r}; use a lock backend of the same storage."
+    )

@@ -152,8 +152,13 @@ def test_lock_inside_atomic_on_sqlite_names_the_fix(alias: str, mid: str) -> Non
     with transaction.atomic(using=alias):
         with pytest.raises(MachineMemoryError) as raised:
             memory.lock(mid)
-        assert "atomic" in str(raised.value)
-        assert "before" in str(raised.value)  # the fix: lock before entering atomic()
+        # What went wrong, where, and the fix: lock before entering atomic().
+        assert str(raised.value) == (
+            "lock(), unlock() and extend() cannot run inside transaction.atomic() (or with "
+            f"autocommit off) on sqlite database {alias!r}: the lock would commit with your "
+            "transaction. Take the lock before entering atomic() and release it after the "
+            "block."
+        )
         assert not memory.holds(mid)
     assert memory.lock_info(mid) is None
     assert seen_elsewhere(alias, mid) == (True, None)
