@@ -175,6 +175,12 @@ def test_write_that_never_connected_is_a_write_error_after_one_attempt(
         memory.write(mid, {"n": 1}, None)
     assert not isinstance(raised.value, WriteConflict)
     assert refusing.proxy.refused == 1
+    assert re.fullmatch(
+        rf"Writing machine {re.escape(repr(mid))} failed: the storage could not be reached "
+        r"\(.+\)\. Nothing was stored\.",
+        str(raised.value),
+        re.DOTALL,
+    ), str(raised.value)
     with pytest.raises(WriteError):
         memory.write(mid, {"n": 2}, {"n": 1})  # the compare read fails first
     assert refusing.proxy.refused == 2

@@ -41,7 +41,12 @@ def other(alias: str) -> Iterator[MachineMemory]:
 
 
 def message(exc_info: pytest.ExceptionInfo[BaseException]) -> str:
-    return str(exc_info.value)
+    """The text of the error; for the errors about one machine, also checks that it names
+    that machine in ``id`` (the attribute programs read), as in the text."""
+    error = exc_info.value
+    if isinstance(error, WriteConflict | LockNotAcquired):
+        assert error.id in str(error), (error.id, str(error))
+    return str(error)
 
 
 def test_creating_a_state_that_exists(memory: MachineMemory, mid: str) -> None:
