@@ -150,6 +150,7 @@ class MutationRunner:
         self.resume = resume
         self.survivors = survivors
         self.budget = budget
+        self.equivalents = equivalents()
         self.killers: dict[str, Counter[str]] = defaultdict(Counter)
         if KILLERS.exists():
             for function, counts in json.loads(KILLERS.read_text()).items():
@@ -217,16 +218,19 @@ class MutationRunner:
             for name, code in data.exit_code_by_key.items():
                 if name.startswith(VIEWS) and function_of(name) not in API_PRECONDITIONS:
                     data.exit_code_by_key[name] = SKIPPED
-                elif self.wanted(name, code):
+                elif self.wanted(path, name, code):
                     chosen.append((data, name))
             data.save()
         return chosen
 
-    def wanted(self, name: str, code: int | None) -> bool:
+    def wanted(self, path: Path, name: str, code: int | None) -> bool:
         if self.patterns and not any(fnmatch.fnmatch(name, p) for p in self.patterns):
             return False
         if self.survivors:
-            return code in (SURVIVED, NO_TESTS, None)
+            # Not those known to change nothing: no test can kill them.
+            return code in (SURVIVED, NO_TESTS, None) and not (
+                name in self.equivalents or equivalent_by_construction(path, name)
+            )
         return not (self.resume and code is not None)
 
     def run_mutants(self, by_id: dict[str, pytest.Item], level: _SessionLevel) -> None:
@@ -722,7 +726,8 @@ def main() -> int:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="run only the mutants that survived, had no test or have no result",
+        help="run only the mutants that survived (but are not equivalent), had no test or"
+        " have no result",
     )
     parser.add_argument(
         "--budget",
