@@ -1211,3 +1211,75 @@ def test_delete(memory: MachineMemory, alias: str, mid: str) -> None:
     other.delete(mid)
     assert other.read(mid) is None
     other.unlock(mid)
+
+
+# -- what a refusal says ---------------------------------------------------------------------
+# The code is for programs, the detail for the person reading it: both are pinned whole.
+
+
+def refusal(response: TestResponse, status: int, code: str) -> str:
+    detail: str = assert_error(response, status, code)["detail"]
+    return detail
+
+
+def test_the_precondition_refusals_say_what_to_send(api: Api, mid: str) -> None:
+    both = {"If-Match": '"1"', "If-None-Match": "*"}
+    assert refusal(api.put(mid, {"n": 1}, **both), 400, "invalid_precondition") == (
+        "Send If-Match or If-None-Match, not both."
+    )
+    not_star = {"If-None-Match": '"1"'}
+    assert refusal(api.put(mid, {"n": 1}, **not_star), 400, "invalid_precondition") == (
+        "PUT accepts If-None-Match: * (create) only."
+    )
+    garbled = {"If-Match": "1"}
+    assert refusal(api.put(mid, {"n": 1}, **garbled), 400, "invalid_precondition") == (
+        "If-Match must be * or a list of entity tags such as \"3\"; got '1'."
+    )
+    assert refusal(api.put(mid, {"n": 1}, **{"If-Match": ""}), 400, "invalid_precondition") == (
+        "If-Match is empty."
+    )
+    assert refusal(api.put(mid, {"n": 1}, **{"If-Match": "*"}), 404, "not_found") == (
+        f"Machine {mid!r} has no state."
+    )
+    assert refusal(api.put(mid, {"n": 1}, **{"If-Match": '"1"'}), 412, "precondition_failed") == (
+        f"Machine {mid!r} is not at the version in If-Match; it has no state."
+    )
+    api.create(mid, {"n": 1})
+    create = {"If-None-Match": "*"}
+    assert refusal(api.put(mid, {"n": 2}, **create), 412, "precondition_failed") == (
+        f"Machine {mid!r} already has a state (If-None-Match: *)."
+    )
+    assert refusal(api.put(mid, {"n": 2}), 428, "precondition_required") == (
+        f"Machine {mid!r} has a state: send If-Match with its ETag to update it, or "
+        "If-Match: * to overwrite any version."
+    )
+    stale = {"If-Match": '"2", "3"'}
+    assert refusal(api.put(mid, {"n": 2}, **stale), 412, "precondition_failed") == (
+        f"Machine {mid!r} is not at the version in If-Match; it is at 1."
+    )
+    assert refusal(api.delete(mid, **{"If-Match": '"5"'}), 412, "precondition_failed") == (
+        f"Machine {mid!r} is not at the version in If-Match; it is at 1."
+    )
+
+
+def test_the_lock_refusals_say_what_to_do(api: Api, mid: str) -> None:
+    assert refusal(api.release(mid, None), 400, "lock_token_required") == (
+        "Send the lock token that POST locks/{id}/ returned in the Lock-Token header."
+    )
+    assert refusal(api.extend(mid, "7.short"), 400, "invalid_lock_token") == (
+        "Lock-Token is not a lock token that this API issued."
+    )
+    assert refusal(api.lock_get(mid), 404, "not_found") == f"Machine {mid!r} has no live lock."
+    token = api.acquire(mid)["lock_token"]
+    assert refusal(api.post_lock(mid), 409, "lock_held") == (
+        f"Machine {mid!r} is locked by another owner."
+    )
+    other = f"{token.partition('.')[0]}.{'b' * 43}"
+    assert refusal(api.release(mid, other), 409, "lock_not_held") == (
+        f"Machine {mid!r} is locked by another owner; this Lock-Token does not hold it. The "
+        "lock was left alone."
+    )
+    assert refusal(api.extend(mid, other), 409, "lock_not_held") == (
+        f"This Lock-Token does not hold the lock on {mid!r} (expired or taken over); acquire "
+        "it again."
+    )
