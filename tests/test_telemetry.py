@@ -444,3 +444,51 @@ def test_the_docs_receiver_runs_as_written(memory: MachineMemory, mid: str) -> N
         holder.unlock(mid)
         signals.lock_denied.disconnect(namespace["count_denials"])
     assert namespace["denials"] == {mid: 1}
+
+
+def test_every_outcome_of_unlock_and_delete_is_reported(
+    memory: MachineMemory, alias: str, mid: str, spans: InMemorySpanExporter
+) -> None:
+    """docs/telemetry.md's outcomes, each from the case it names, with the token and the
+    version the operation worked with."""
+    other = MachineMemory(using=alias)
+    down = MachineMemory(using=DOWN_DATABASES[alias])
+
+    def last(operation: str) -> dict[str, Any]:
+        return attributes(by_name(spans.get_finished_spans(), f"machine_memory.{operation}")[-1])
+
+    try:
+        assert memory.unlock(mid)
+        assert last("unlock")["machine_memory.outcome"] == "not_held"
+        assert other.lock(mid)
+        token = other.held_token(mid)
+        assert memory.unlock(mid) is False
+        assert last("unlock")["machine_memory.outcome"] == "refused"
+        assert "machine_memory.fencing_token" not in last("unlock")  # it held none
+        assert other.unlock(mid)
+        assert (
+            last("unlock")["machine_memory.outcome"],
+            last("unlock")["machine_memory.fencing_token"],
+        ) == ("released", token)
+        assert down.unlock(mid) is False
+        assert last("unlock")["machine_memory.outcome"] == "failed"
+
+        memory.write(mid, {"n": 1}, None)
+        memory.delete(mid)  # whatever version is stored
+        assert (
+            last("delete")["machine_memory.outcome"],
+            last("delete")["machine_memory.expected_version"],
+        ) == ("deleted", 1)
+        memory.write(mid, {"n": 1}, None)
+        state = memory.read(mid)
+        other.delete(mid)
+        assert memory.lock(mid)
+        token = memory.held_token(mid)
+        memory.delete(mid, state)  # gone already: nothing to do
+        assert last("delete")["machine_memory.outcome"] == "missing"
+        assert last("delete")["machine_memory.expected_version"] == 1
+        assert last("delete")["machine_memory.fencing_token"] == token
+        assert memory.unlock(mid)
+    finally:
+        other.close()
+        down.close()
