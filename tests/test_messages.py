@@ -250,3 +250,26 @@ def test_lock_backends_that_do_not_fit(alias: str) -> None:
         f"DatabaseLockBackend fences writes through lock rows beside the states, but they are "
         f"not in {store!r}; use a lock backend of the same storage."
     )
+
+
+@pytest.mark.parametrize("ttl", [0, -1, "5", 2592001], ids=repr)
+def test_a_ttl_out_of_range(local: MachineMemory, ttl: Any) -> None:
+    with pytest.raises(ValueError, match=r"^ttl ") as raised:
+        local.lock("m", ttl=ttl)
+    assert message(raised) == (
+        f"ttl is {ttl!r}; it must be a number of seconds (or a timedelta) from 0.001 to 2592000."
+    )
+    assert not local.holds("m")
+
+
+@pytest.mark.parametrize("token", [0, -1, True, 2**63, 1.0, "1"], ids=repr)
+def test_a_token_that_lock_never_issued(local: MachineMemory, token: Any) -> None:
+    with pytest.raises(ValueError, match=r"^token ") as raised:
+        local.adopt("m", token)
+    assert message(raised) == "token must be the positive fencing token that lock() issued."
+    assert not local.holds("m")
+
+
+def test_the_largest_token_can_be_adopted(local: MachineMemory) -> None:
+    local.adopt("m", 2**63 - 1)
+    assert local.held_token("m") == 2**63 - 1

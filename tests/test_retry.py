@@ -53,3 +53,24 @@ def test_stop_is_asked_before_each_retry(stop_after: int) -> None:
 
 def test_stop_that_never_says_stop_leaves_the_retries_alone() -> None:
     assert list(pauses(2, 0.01, stop=lambda: False)) == [0.01, 0.02, None]
+
+
+def test_a_denied_lock_waits_jittered_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lock()'s retries are jittered (±LOCK_JITTER), so workers denied together do not all
+    come back at the same instant."""
+    from machine_memory import memory as memory_module
+    from machine_memory.testing import SimpleMachineMemory
+
+    holder = SimpleMachineMemory()
+    waiter = holder.peer(lock_retries=3, lock_backoff=0.01)
+    assert holder.lock("m")
+    slept: list[float] = []
+    monkeypatch.setattr("machine_memory.memory.time.sleep", slept.append)
+    for _ in range(20):
+        assert waiter.lock("m") is False
+    jitter = memory_module.LOCK_JITTER
+    assert len(slept) == 60
+    for n, pause in enumerate(slept):
+        exact = 0.01 * 2 ** (n % 3)
+        assert exact * (1 - jitter) <= pause <= exact * (1 + jitter)
+    assert len(set(slept)) > 3  # not the exact doubling every time
