@@ -716,6 +716,10 @@ class MachineMemoryConformance:
             state = await memory.aread(machine_id)
             assert state == {"a": 1}
             assert await memory.aextend(machine_id)
+            assert await memory.aextend(machine_id, ttl=3600)
+            extended = await memory.alock_info(machine_id)
+            assert extended is not None
+            assert (extended.expires_at - extended.acquired_at).total_seconds() >= 3599
             await memory.awrite(machine_id, {"a": 2}, state)
             assert await memory.aunlock(machine_id)
             async with other.alocked(machine_id):
