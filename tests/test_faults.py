@@ -186,6 +186,26 @@ def test_write_that_never_connected_is_a_write_error_after_one_attempt(
     assert refusing.proxy.refused == 2
 
 
+def test_delete_that_never_connected_is_a_write_error(refusing: ProxiedDatabase, mid: str) -> None:
+    """A delete of a state read before the server went away: nothing sent, nothing deleted."""
+    memory = MachineMemory(using=refusing.alias)
+    refusing.proxy.pass_through()
+    memory.write(mid, {"n": 1}, None)
+    state = memory.read(mid)
+    connections[refusing.alias].close()
+    refusing.proxy.refuse()
+    with pytest.raises(WriteError) as raised:
+        memory.delete(mid, state)
+    assert not isinstance(raised.value, WriteConflict)
+    assert re.fullmatch(
+        rf"Deleting machine {re.escape(repr(mid))} failed: the storage could not be reached "
+        r"\(.+\)\. Nothing was stored\.",
+        str(raised.value),
+        re.DOTALL,
+    ), str(raised.value)
+    assert read_elsewhere(refusing.real, mid) == {"n": 1}
+
+
 def test_lock_raises_lock_error_not_false(down: MachineMemory, mid: str) -> None:
     with pytest.raises(LockError) as raised:
         down.lock(mid)

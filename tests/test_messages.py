@@ -70,6 +70,21 @@ def test_a_stale_prev_data(memory: MachineMemory, other: MachineMemory, mid: str
     )
 
 
+def test_a_stale_prev_data_for_a_delete(
+    memory: MachineMemory, other: MachineMemory, mid: str
+) -> None:
+    memory.write(mid, {"n": 1}, None)
+    mine, theirs = memory.read(mid), other.read(mid)
+    other.write(mid, {"n": 2}, theirs)
+    with pytest.raises(WriteConflict) as raised:
+        memory.delete(mid, mine)
+    assert message(raised) == (
+        f"Machine {mid!r}: expected stored version 1, found 2. "
+        "Read the state again and retry the event."
+    )
+    assert other.read(mid) == {"n": 2}
+
+
 def test_prev_data_that_was_never_read(memory: MachineMemory, mid: str) -> None:
     memory.write(mid, {"n": 1}, None)
     with pytest.raises(WriteConflict) as raised:
