@@ -414,9 +414,13 @@ class MachineMemoryConformance:
             locked = other.lock_and_read(machine_id)
             assert locked is not None and locked.state == {"step": 1} and locked.version == 1
             assert locked.token > s.token
+            # What lock_and_read() returned is what read() would have: its version is known,
+            # and a write from it is a compare-and-set against that version.
+            assert other.version_of(machine_id, locked.state) == 1
+            other.write(machine_id, {"step": 1}, locked.state)
             assert other.unlock(machine_id)
         with memory.session(machine_id) as s:
-            assert s.state == {"step": 1} and s.version == 1
+            assert s.state == {"step": 1} and s.version == 2
             s.state["step"] = 2  # Arvo's handlers mutate what they read: that is fine
             s.write(s.state)
         assert memory.read(machine_id) == {"step": 2}

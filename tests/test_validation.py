@@ -15,6 +15,7 @@ import pytest
 from machine_memory.exceptions import InvalidMachineId, InvalidState, MachineMemoryError
 from machine_memory.validation import (
     MAX_ID_LENGTH,
+    MAX_STATE_DEPTH,
     METADATA_LENGTHS,
     decode_state,
     encode_state,
@@ -204,6 +205,14 @@ def test_encode_state_accepts_a_shared_but_acyclic_value() -> None:
 def test_encode_state_moderate_nesting_round_trips() -> None:
     data = {"deep": nested_lists(200)}
     assert decode_state(encode_state(data, LIMIT)) == data
+
+
+def test_encode_state_nesting_limit_is_exact() -> None:
+    # The state object is level 1: MAX_STATE_DEPTH levels in all pass, one more does not.
+    deepest = {"deep": nested_lists(MAX_STATE_DEPTH - 1)}
+    assert decode_state(encode_state(deepest, LIMIT)) == deepest
+    with pytest.raises(InvalidState, match="nested too deeply"):
+        encode_state({"deep": nested_lists(MAX_STATE_DEPTH)}, LIMIT)
 
 
 @pytest.mark.parametrize("depth", [10_000, 200_000])
@@ -535,6 +544,7 @@ def test_validate_owner_says_what_is_wrong(owner: Any, message: str) -> None:
 
 def test_validate_owner_accepts_the_longest_owner_by_value() -> None:
     assert validate_owner("o" * 255) == "o" * 255
+    assert validate_owner("o") == "o"
     assert type(validate_owner(Subject("w-1"))) is str
 
 
