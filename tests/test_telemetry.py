@@ -175,6 +175,9 @@ def test_a_session_reports_its_lock_write_and_release(
     (taken,) = by_name(spans.get_finished_spans(), "machine_memory.lock_and_read")
     assert attributes(taken)["machine_memory.outcome"] == "acquired"
     assert attributes(taken)["machine_memory.version"] == 1
+    assert attributes(taken)["machine_memory.fencing_token"] == s.token
+    if len(names) == 2:  # the state was read by lock_and_read itself (jsonb adds spaces)
+        assert 7 <= attributes(taken)["machine_memory.state_bytes"] <= 8
     (wrote,) = by_name(spans.get_finished_spans(), "machine_memory.session.write")
     assert attributes(wrote)["machine_memory.outcome"] == "written"
     assert attributes(wrote)["machine_memory.version"] == 2
