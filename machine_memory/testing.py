@@ -581,6 +581,35 @@ class MachineMemoryConformance:
         assert memory.read(machine_id) == {"s": 2}
         assert memory.lock_info(machine_id) is None  # released all the same
 
+    def test_async_cleanup(self) -> None:
+        memory, other, machine_id = (
+            self.make_memory(cleanup="delete"),
+            self.make_memory(),
+            self.new_id(),
+        )
+
+        async def scenario() -> None:
+            final: dict[str, Any] = {"s": 1}
+            await memory.awrite(machine_id, final, None)
+            assert await memory.alock(machine_id)
+            # Its metadata is checked like write()'s: nothing deleted, the lock kept.
+            with _raises(InvalidState):
+                await memory.acleanup(machine_id, final, None, {"unknown": "key"})
+            assert memory.holds(machine_id)
+            await other.awrite(machine_id, {"s": 2}, await other.aread(machine_id))
+            with _raises(WriteConflict):
+                await memory.acleanup(machine_id, final, None)  # written since: kept
+            assert await memory.aread(machine_id) == {"s": 2}
+            assert not memory.holds(machine_id)
+            assert await memory.alock(machine_id)
+            state = await memory.aread(machine_id)
+            assert state is not None
+            await memory.acleanup(machine_id, state, None)
+            assert await memory.aread(machine_id) is None
+            assert await memory.alock_info(machine_id) is None
+
+        asyncio.run(scenario())
+
     # -- bad input -----------------------------------------------------------------------
 
     def test_bad_ids_raise_before_storage(self) -> None:

@@ -288,3 +288,10 @@ def test_a_token_that_lock_never_issued(local: MachineMemory, token: Any) -> Non
 def test_the_largest_token_can_be_adopted(local: MachineMemory) -> None:
     local.adopt("m", 2**63 - 1)
     assert local.held_token("m") == 2**63 - 1
+
+
+def test_a_memory_shows_its_storage_and_owner() -> None:
+    memory = SimpleMachineMemory(owner="worker-1")
+    assert repr(memory) == (
+        f"<MachineMemory store={memory.store!r} locks=InMemoryLockBackend owner='worker-1'>"
+    )
