@@ -563,6 +563,28 @@ def _changed_words(before: str, after: str) -> set[str] | None:
     }
 
 
+# The vendor modules whose SQL ignores the case of every name as well as of keywords (not
+# base.py's or mysql.py's: MariaDB compares table names and aliases case-sensitively).
+CASE_BLIND_SQL = {
+    "postgresql.py": "SQL in another case: PostgreSQL folds unquoted names to lower case",
+    "sqlite.py": "SQL in another case: SQLite compares names and keywords without case",
+}
+
+
+def _case_only_outside_literals(before: str, after: str) -> bool:
+    """Whether two texts differ only in the case of letters that are neither inside a
+    single-quoted literal (counted from the text's start) nor a %-placeholder's letter."""
+    if before == after or before.lower() != after.lower():
+        return False
+    quoted = False
+    for n, (a, b) in enumerate(zip(before, after, strict=True)):
+        if a == "'":
+            quoted = not quoted
+        if a != b and (quoted or (n and before[n - 1] == "%")):
+            return False
+    return True
+
+
 def _is_statement_call(node: ast.AST) -> bool:
     return (
         isinstance(node, ast.Call)
@@ -598,6 +620,8 @@ def equivalent_by_construction(path: Path, mutant: str) -> str | None:
     words = _changed_words(before, after)
     if words and words <= SQL_KEYWORDS:
         return "SQL keywords in another case"
+    if path.name in CASE_BLIND_SQL and _case_only_outside_literals(before, after):
+        return CASE_BLIND_SQL[path.name]
     # The changed text is the key, or a part of the key's tuple.
     for index, node in enumerate(path_to[:-1]):
         if _is_statement_call(node) and path_to[index + 1] is cast("ast.Call", node).args[0]:
