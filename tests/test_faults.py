@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import DatabaseError, OperationalError, connections, transaction
 
 from machine_memory import MachineMemory
+from machine_memory.connection import cursor_for
 from machine_memory.exceptions import (
     LockError,
     ReadError,
@@ -31,6 +32,7 @@ from machine_memory.exceptions import (
     WriteOutcomeUnknown,
 )
 from machine_memory.models import MachineState
+from machine_memory.sql import dialect_for
 from tests.support import ALIVE, BACKEND_ID, KILL, WAITING_FOR_A_ROW_LOCK
 from tests.workers import ThreadRun, in_thread
 
@@ -447,3 +449,37 @@ def test_write_rejected_before_its_reply_was_lost_raises(
     assert not isinstance(raised.value, WriteOutcomeUnknown)
     assert isinstance(raised.value.__cause__, OperationalError | DatabaseError)
     assert read_elsewhere(proxied.real, mid) == {"n": 1}
+
+
+# -- ending a lost session (Dialect.end_session) ---------------------------------------------
+
+
+def test_end_session_ends_another_session_and_waits_until_it_is_gone(alias: str) -> None:
+    """What the memory does before it looks whether a write whose connection died landed
+    (docs/contract.md#when-the-connection-dies): end that server session, and say so only
+    once the server no longer lists it."""
+    connection = connections[alias]
+    dialect = dialect_for(connection)
+    victim = connections.create_connection(alias)
+    try:
+        victim.ensure_connection()
+        with dialect.errors(connection):
+            cursor = cursor_for(connection)
+            session = dialect.session_id(victim.connection)
+            own = dialect.session_id(connection.connection)
+            if session is None:  # SQLite: no server sessions, nothing to end
+                assert connection.vendor == "sqlite" and own is None
+                assert dialect.end_session(cursor, 12345, 1.0) is True
+                return
+            assert own is not None and session != own
+            assert dialect.end_session(cursor, session, 10.0) is True
+            # Gone, not only signalled: listed no more the moment end_session returns.
+            cursor.execute(ALIVE[vendor_of(alias)], (session,))
+            assert cursor.fetchone() is None
+            # A new connection may get the id of the one it replaces: "ending" it is then a
+            # no-op that reports the old session gone, never a suicide.
+            assert dialect.end_session(cursor, own, 10.0) is True
+            cursor.execute("SELECT 1")
+            assert tuple(cursor.fetchone() or ()) == (1,)
+    finally:
+        victim.close()
