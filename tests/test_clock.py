@@ -113,3 +113,22 @@ def test_short_lock_expires_on_time_and_is_taken_over(alias: str, mid: str, skew
         assert first.extend(mid) is False
         assert second.unlock(mid)
     assert first.read(mid) == {"n": 0}
+
+
+@pytest.mark.parametrize("ttl", [60.0, 0.25, 1.5, 86400.0])
+def test_a_lock_lives_exactly_its_ttl(alias: str, mid: str, ttl: float) -> None:
+    """The storage computes expiry from the same instant it notes as acquired_at, so the
+    two are exactly the TTL apart (to the storage's precision: milliseconds on SQLite), on
+    acquiring and on extending."""
+    memory = MachineMemory(using=alias)
+    assert memory.lock(mid, ttl=ttl)
+    try:
+        info = memory.lock_info(mid)
+        assert info is not None
+        assert info.expires_at - info.acquired_at == timedelta(seconds=ttl)
+        assert memory.extend(mid, ttl=2 * ttl)
+        extended = memory.lock_info(mid)
+        assert extended is not None and extended.acquired_at == info.acquired_at
+        assert extended.expires_at - info.acquired_at >= timedelta(seconds=2 * ttl)
+    finally:
+        memory.unlock(mid)
