@@ -555,7 +555,7 @@ def _changed_words(before: str, after: str) -> set[str] | None:
     """The words whose case alone differs between two texts; None if more than case differs."""
     if before.lower() != after.lower():
         return None
-    split = re.compile(r"[A-Za-z_]+")
+    split = re.compile(r"[A-Za-z0-9_]+")
     return {
         a.lower()
         for a, b in zip(split.findall(before), split.findall(after), strict=True)
@@ -569,6 +569,20 @@ CASE_BLIND_SQL = {
     "postgresql.py": "SQL in another case: PostgreSQL folds unquoted names to lower case",
     "sqlite.py": "SQL in another case: SQLite compares names and keywords without case",
 }
+
+
+# Names MariaDB compares without case besides keywords: the parameters of the stored
+# procedures (p_id, p_owner, ...) and collation and character set names.
+MARIADB_CASE_BLIND = re.compile(r"p_[a-z_]+|utf8mb4(_[a-z0-9]+)*")
+
+
+def _is_cast_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "cast"
+        and bool(node.args)
+    )
 
 
 def _case_only_outside_literals(before: str, after: str) -> bool:
@@ -607,6 +621,10 @@ def equivalent_by_construction(path: Path, mutant: str) -> str | None:
     if found is None:
         return None
     path_to, before, after = found
+    if len(path_to) >= 2 and _is_cast_call(path_to[-2]):
+        changed = path_to[-1] if isinstance(before, str) else before
+        if changed is cast("ast.Call", path_to[-2]).args[0]:
+            return "the type named to typing.cast, which does nothing at run time"
     if (
         isinstance(before, str)
         and after is None
@@ -620,6 +638,12 @@ def equivalent_by_construction(path: Path, mutant: str) -> str | None:
     words = _changed_words(before, after)
     if words and words <= SQL_KEYWORDS:
         return "SQL keywords in another case"
+    if (
+        path.name == "mysql.py"
+        and words
+        and all(w in SQL_KEYWORDS or MARIADB_CASE_BLIND.fullmatch(w) for w in words)
+    ):
+        return "MariaDB routine parameters or collation names in another case"
     if path.name in CASE_BLIND_SQL and _case_only_outside_literals(before, after):
         return CASE_BLIND_SQL[path.name]
     # The changed text is the key, or a part of the key's tuple.
