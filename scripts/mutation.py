@@ -546,7 +546,8 @@ SQL_KEYWORDS = frozenset(
     union all handler exit sqlexception resignal bigint int boolean varchar longtext
     character collate utf8mb4 double precision jsonb timestamptz true false row_count
     last_insert_id nextval utc_timestamp statement_timestamp make_interval secs strftime
-    now excluded machine_id owner token acquired_at expires_at state version fence
+    now excluded kill information_schema processlist id machine_id owner token acquired_at
+    expires_at state version fence
     execution_status parent_id initiator source created_at updated_at""".split()  # noqa: SIM905
 )
 

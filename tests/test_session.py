@@ -20,6 +20,7 @@ from django.db import connections, transaction
 from machine_memory import MachineMemory
 from machine_memory.connection import cursor_for
 from machine_memory.exceptions import (
+    LockLost,
     LockNotAcquired,
     MachineMemoryError,
     WriteConflict,
@@ -303,6 +304,24 @@ def test_what_this_code_installs_runs_the_session(alias: str, mid: str) -> None:
         with connection.cursor() as cleanup:
             for attribute, kind in objects:
                 cleanup.execute(f"DROP {kind} IF EXISTS {getattr(dialect, attribute)}")
+
+
+def test_session_whose_lock_row_was_purged_is_lock_lost(alias: str, mid: str) -> None:
+    """The lock expired and its row was purged: the row was the only record of who held the
+    lock since, so the write is refused as if taken over (docs/contract.md#fencing), stores
+    nothing, and the id is free for the redelivered event."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 1}, None)
+    with memory.session(mid, ttl=0.2) as s:
+        time.sleep(0.3)
+        assert MachineLock.objects.using(alias).filter(machine_id=mid).expired().delete()[0] == 1
+        with pytest.raises(LockLost):
+            s.write({"n": 2})
+        assert not s.written
+    assert memory.read(mid) == {"n": 1}
+    assert memory.lock_info(mid) is None
+    assert memory.lock(mid)
+    assert memory.unlock(mid)
 
 
 def test_session_inside_atomic_uses_the_classic_statements(alias: str, mid: str) -> None:
