@@ -381,6 +381,12 @@ def test_takeover_is_caught_in_redis_before_the_database(
     with pytest.raises(LockLost, match="another owner acquired it since") as raised:
         first.write(mid, {"by": "first"}, first.read(mid))
     assert raised.value.id == mid
+    mine, theirs = first.held_token(mid), second.held_token(mid)
+    assert str(raised.value) == (
+        f"Machine {mid!r}: this worker's Redis lock (token {mine}) is lost: another owner "
+        f"acquired it since (token {theirs}). Nothing was written; drop the event, it will be "
+        "redelivered."
+    )
     assert statements == []  # refused by the Redis check: no statement was sent
     with pytest.raises(LockLost):
         first.write(mid, {"by": "first"}, state)
@@ -441,8 +447,22 @@ def test_a_token_redis_does_not_know_cannot_write(
     assert token is not None
     stranger = redis_memory(alias, owner=memory.owner)
     stranger.adopt(mid, token + 1)  # never issued
-    with pytest.raises(LockLost, match="no longer has its token"):
+    with pytest.raises(LockLost) as never_issued:
         stranger.write(mid, {"n": 1}, stranger.read(mid))
+    assert str(never_issued.value) == (
+        f"Machine {mid!r}: this worker's Redis lock (token {token + 1}) is lost: Redis no longer "
+        "has its token (flushed, restarted without persistence, or failed over) or never "
+        "issued it. Nothing was written; drop the event, it will be redelivered."
+    )
+    # The same token as the holder's but another owner (a copied Lock-Token, say).
+    impostor = redis_memory(alias, owner="someone-else")
+    impostor.adopt(mid, token)
+    with pytest.raises(LockLost) as not_the_holder:
+        impostor.write(mid, {"n": 1}, impostor.read(mid))
+    assert str(not_the_holder.value) == (
+        f"Machine {mid!r}: this worker's Redis lock (token {token}) is lost: Redis holds it "
+        "for another owner. Nothing was written; drop the event, it will be redelivered."
+    )
     client.delete(locks_of(memory).token_key(mid))  # Redis lost the history
     with pytest.raises(LockLost, match="no longer has its token"):
         memory.write(mid, {"n": 1}, memory.read(mid))
