@@ -167,6 +167,17 @@ def test_write_raises_write_error_after_a_single_attempt(down: MachineMemory, mi
     assert not isinstance(raised.value, WriteConflict)
 
 
+def assert_not_sent(error: WriteError, verb: str, mid: str) -> None:
+    """The message of a change that never reached the storage: what, which, and that nothing
+    was stored (with the driver's words in between)."""
+    assert re.fullmatch(
+        rf"{verb} machine {re.escape(repr(mid))} failed: the storage could not be reached "
+        r"\(.+\)\. Nothing was stored\.",
+        str(error),
+        re.DOTALL,
+    ), str(error)
+
+
 def test_write_that_never_connected_is_a_write_error_after_one_attempt(
     refusing: ProxiedDatabase, mid: str
 ) -> None:
@@ -177,12 +188,7 @@ def test_write_that_never_connected_is_a_write_error_after_one_attempt(
         memory.write(mid, {"n": 1}, None)
     assert not isinstance(raised.value, WriteConflict)
     assert refusing.proxy.refused == 1
-    assert re.fullmatch(
-        rf"Writing machine {re.escape(repr(mid))} failed: the storage could not be reached "
-        r"\(.+\)\. Nothing was stored\.",
-        str(raised.value),
-        re.DOTALL,
-    ), str(raised.value)
+    assert_not_sent(raised.value, "Writing", mid)
     with pytest.raises(WriteError):
         memory.write(mid, {"n": 2}, {"n": 1})  # the compare read fails first
     assert refusing.proxy.refused == 2
@@ -199,12 +205,7 @@ def test_delete_that_never_connected_is_a_write_error(refusing: ProxiedDatabase,
     with pytest.raises(WriteError) as raised:
         memory.delete(mid, state)
     assert not isinstance(raised.value, WriteConflict)
-    assert re.fullmatch(
-        rf"Deleting machine {re.escape(repr(mid))} failed: the storage could not be reached "
-        r"\(.+\)\. Nothing was stored\.",
-        str(raised.value),
-        re.DOTALL,
-    ), str(raised.value)
+    assert_not_sent(raised.value, "Deleting", mid)
     assert read_elsewhere(refusing.real, mid) == {"n": 1}
 
 
