@@ -309,6 +309,34 @@ class MachineMemoryConformance:
         assert first.unlock(machine_id)  # gives the lock up; writes are only versioned again
         first.write(machine_id, {"owner": "first"}, first.read(machine_id))
 
+    def test_a_write_after_a_takeover_and_a_newer_write_is_lock_lost(self) -> None:
+        # Not a plain WriteConflict: the version moved on because the lock was lost, and
+        # the holder must drop the event, not read again and retry.
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        first.write(machine_id, {"n": 0}, None)
+        assert first.lock(machine_id, ttl=self.short_ttl)
+        state = first.read(machine_id)
+        time.sleep(self.short_ttl + 0.1)
+        assert second.lock(machine_id)
+        second.write(machine_id, {"n": 1}, second.read(machine_id))
+        assert second.unlock(machine_id)
+        with _raises(LockLost):
+            first.write(machine_id, {"n": 2}, state)
+        assert second.read(machine_id) == {"n": 1}
+        assert first.unlock(machine_id)
+
+    def test_a_lock_is_extended_only_with_its_own_token(self) -> None:
+        first, machine_id = self.make_memory(), self.new_id()
+        assert first.lock(machine_id)
+        token = first.held_token(machine_id)
+        assert token is not None
+        twin = self.make_memory(owner=first.owner)  # the owner, but not that lock's token
+        twin.adopt(machine_id, token + 1)
+        assert twin.extend(machine_id) is False
+        twin.adopt(machine_id, token)
+        assert twin.extend(machine_id) is True
+        assert first.unlock(machine_id)
+
     def test_expired_lock_without_takeover_still_writes(self) -> None:
         memory, machine_id = self.make_memory(), self.new_id()
         assert memory.lock(machine_id, ttl=self.short_ttl)
