@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from machine_memory import MachineMemory
 from machine_memory.exceptions import InvalidState, LockLost
-from machine_memory.models import MachineLock, MachineState, StorageTime
+from machine_memory.models import MachineIdField, MachineLock, MachineState, StorageTime
 from machine_memory.sql import dialect_for
 from machine_memory.validation import MAX_STATE_DEPTH, METADATA_LENGTHS
 from tests.support import new_id
@@ -651,3 +651,11 @@ def test_update_of_one_variant_leaves_the_others(memory: MachineMemory, alias: s
         .filter(machine_id__in=[lower, upper, spaced])
         .values_list("machine_id", flat=True)
     ) == {lower, upper}
+
+
+def test_the_id_field_takes_django_fields_arguments() -> None:
+    # As any Django field: the verbose name may come first, positionally; the length is the
+    # id limit unless given.
+    field = MachineIdField("workflow", primary_key=True)
+    assert (field.verbose_name, field.primary_key, field.max_length) == ("workflow", True, 512)
+    assert MachineIdField(max_length=64).max_length == 64
