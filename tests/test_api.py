@@ -368,6 +368,31 @@ def test_put_metadata(api: Api, mid: str) -> None:
     }
 
 
+def test_put_metadata_on_every_way_of_writing(api: Api, mid: str) -> None:
+    """The metadata reach the columns whichever precondition the PUT carries: an ETag, *,
+    or none from the lock holder."""
+
+    def put(initiator: str, **headers: str) -> None:
+        payload = {"data": {"n": initiator}, "metadata": {"initiator": initiator}}
+        response = api.put_body(mid, payload, **headers)
+        assert response.status_code in (200, 201), response.content
+
+    def initiator() -> str:
+        value: str = body(api.get(mid))["metadata"]["initiator"]
+        return value
+
+    put("creator", **{"If-None-Match": "*"})
+    assert initiator() == "creator"
+    put("by-etag", **{"If-Match": '"1"'})
+    assert initiator() == "by-etag"
+    put("by-star", **{"If-Match": "*"})
+    assert initiator() == "by-star"
+    token = api.acquire(mid)["lock_token"]
+    put("by-holder", **{"Lock-Token": token})
+    assert initiator() == "by-holder"
+    assert api.release(mid, token).status_code == 204
+
+
 # -- states: delete -----------------------------------------------------------------------
 
 
@@ -1269,6 +1294,9 @@ def test_the_lock_refusals_say_what_to_do(api: Api, mid: str) -> None:
     assert refusal(api.extend(mid, "7.short"), 400, "invalid_lock_token") == (
         "Lock-Token is not a lock token that this API issued."
     )
+    # The largest token there can be is a token, just not one that holds this lock.
+    largest = f"{2**63 - 1}.{'a' * 43}"
+    assert refusal(api.extend(mid, largest), 409, "lock_not_held").startswith("This Lock-Token")
     assert refusal(api.lock_get(mid), 404, "not_found") == f"Machine {mid!r} has no live lock."
     token = api.acquire(mid)["lock_token"]
     assert refusal(api.post_lock(mid), 409, "lock_held") == (
