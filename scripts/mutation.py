@@ -577,6 +577,11 @@ CASE_BLIND_SQL = {
 MARIADB_CASE_BLIND = re.compile(r"p_[a-z_]+|utf8mb4(_[a-z0-9]+)*")
 
 
+# The header names the API reads and sets: HTTP names, which Django's request.headers and
+# HttpResponse look up without case.
+HTTP_HEADERS = frozenset({"etag", "if-match", "if-none-match", "lock-token", "retry-after"})
+
+
 def _is_cast_call(node: ast.AST) -> bool:
     return (
         isinstance(node, ast.Call)
@@ -647,6 +652,8 @@ def equivalent_by_construction(path: Path, mutant: str) -> str | None:
         return "MariaDB routine parameters or collation names in another case"
     if path.name in CASE_BLIND_SQL and _case_only_outside_literals(before, after):
         return CASE_BLIND_SQL[path.name]
+    if path.name == "views.py" and before.lower() == after.lower() and after.lower() in HTTP_HEADERS:
+        return "an HTTP header name in another case: Django compares them without case"
     # The changed text is the key, or a part of the key's tuple.
     for index, node in enumerate(path_to[:-1]):
         if _is_statement_call(node) and path_to[index + 1] is cast("ast.Call", node).args[0]:
