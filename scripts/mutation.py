@@ -652,7 +652,8 @@ def equivalent_by_construction(path: Path, mutant: str) -> str | None:
         return "MariaDB routine parameters or collation names in another case"
     if path.name in CASE_BLIND_SQL and _case_only_outside_literals(before, after):
         return CASE_BLIND_SQL[path.name]
-    if path.name == "views.py" and before.lower() == after.lower() and after.lower() in HTTP_HEADERS:
+    header = after.lower()
+    if path.name == "views.py" and before.lower() == header and header in HTTP_HEADERS:
         return "an HTTP header name in another case: Django compares them without case"
     # The changed text is the key, or a part of the key's tuple.
     for index, node in enumerate(path_to[:-1]):
