@@ -16,14 +16,14 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from django.conf import settings
 from django.db import DatabaseError, OperationalError, connections, transaction
 
 from machine_memory import MachineMemory
-from machine_memory.connection import cursor_for
+from machine_memory.connection import cursor_for, noted_session
 from machine_memory.exceptions import (
     LockError,
     ReadError,
@@ -39,6 +39,7 @@ from tests.workers import ThreadRun, in_thread
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from machine_memory.locks.database import DatabaseLockBackend
     from tests.conftest import ProxiedDatabase
 
 SERVERS = pytest.mark.parametrize("alias", ["postgres", "mariadb"], indirect=True)
@@ -484,3 +485,28 @@ def test_end_session_ends_another_session_and_waits_until_it_is_gone(alias: str)
             assert tuple(cursor.fetchone() or ()) == (1,)
     finally:
         victim.close()
+
+
+@SERVERS
+def test_a_lock_retried_inside_atomic_ends_only_its_own_dead_connection(
+    alias: str, mid: str
+) -> None:
+    """Inside the caller's transaction locks run on a connection of their own. When that one
+    dies, lock() looks again on a fresh one after ending the dead session: the dead side
+    connection's, never the caller's, whose transaction goes on and commits."""
+    memory = MachineMemory(using=alias)
+    other = f"{mid}-b"
+    with transaction.atomic(using=alias):
+        memory.write(mid, {"n": 1}, None)  # the caller's uncommitted work
+        caller = backend_id(alias)
+        assert memory.lock(other)
+        assert memory.unlock(other)
+        side = cast("DatabaseLockBackend", memory.locks)._local.connection
+        side_session = noted_session(side)
+        assert side_session is not None and side_session != caller
+        kill(alias, side_session)
+        assert memory.lock(other)
+        assert backend_id(alias) == caller
+    assert read_elsewhere(alias, mid) == {"n": 1}  # committed with the caller
+    assert memory.unlock(other)
+    memory.close()
