@@ -415,6 +415,9 @@ class MachineMemoryConformance:
         assert info is not None
         assert info.owner == memory.owner
         assert 59 <= (info.expires_at - info.acquired_at).total_seconds() <= 61
+        # Aware datetimes in UTC, comparable with the caller's timezone.now().
+        for moment in (info.acquired_at, info.expires_at):
+            assert moment.utcoffset() == datetime.timedelta(0)
         assert memory.unlock(machine_id)
         assert memory.lock_info(machine_id) is None
 

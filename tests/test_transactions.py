@@ -12,18 +12,21 @@ import contextlib
 import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from django.contrib.auth.models import Group
 from django.db import transaction
 
 from machine_memory import LockInfo, MachineMemory
+from machine_memory.connection import noted_session
 from machine_memory.exceptions import LockLost, MachineMemoryError, WriteError
 from tests.workers import in_thread
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from machine_memory.locks.database import DatabaseLockBackend
 
 SERVERS = pytest.mark.parametrize("alias", ["postgres", "mariadb"], indirect=True)
 SQLITE = pytest.mark.parametrize("alias", ["default"], ids=["sqlite"], indirect=True)
@@ -355,3 +358,24 @@ def test_takeover_during_the_callers_transaction_on_sqlite_stores_nothing(
             memory.write(mid, {"n": 1}, state)
     assert read_elsewhere(alias, mid) == {"n": 0}
     assert thief.unlock(mid)
+
+
+@SERVERS
+def test_locks_inside_atomic_share_one_connection_which_close_ends(alias: str, mid: str) -> None:
+    """The connection of its own that locks use inside the caller's transaction is made
+    once per thread and reused (not one per call, which would leak server sessions), and
+    close() closes it."""
+    memory = MachineMemory(using=alias)
+    locks = cast("DatabaseLockBackend", memory.locks)
+    sessions = set()
+    with transaction.atomic(using=alias):
+        for n in range(3):
+            assert memory.lock(f"{mid}-{n}")
+            assert memory.unlock(f"{mid}-{n}")
+            sessions.add(noted_session(locks._local.connection))
+    assert len(sessions) == 1 and None not in sessions
+    side = locks._local.connection
+    assert side.connection is not None
+    memory.close()
+    assert side.connection is None
+    assert locks._local.connection is None
