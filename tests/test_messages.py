@@ -295,3 +295,9 @@ def test_a_memory_shows_its_storage_and_owner() -> None:
     assert repr(memory) == (
         f"<MachineMemory store={memory.store!r} locks=InMemoryLockBackend owner='worker-1'>"
     )
+
+
+def test_the_in_memory_lock_backend_does_not_fence_database_states(alias: str) -> None:
+    # It fences through lock rows of its own store, which a database's states never see.
+    with pytest.raises(MachineMemoryError, match="fences writes through lock rows beside"):
+        MachineMemory(using=alias, lock_backend="machine_memory.locks.memory.InMemoryLockBackend")

@@ -153,7 +153,11 @@ class DatabaseStateStore(StateStore):
         return end_lost_session(self.connection)
 
     def shares_locks_with(self, locks: LockBackend) -> bool:
-        return locks.database == self.alias
+        # Lock rows in this database: the database backend on this alias (or a subclass),
+        # not any backend that was merely given the alias (the in-memory one keeps its own).
+        from machine_memory.locks.database import DatabaseLockBackend
+
+        return isinstance(locks, DatabaseLockBackend) and locks.database == self.alias
 
 
 def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
