@@ -325,6 +325,22 @@ class MachineMemoryConformance:
         assert second.read(machine_id) == {"n": 1}
         assert first.unlock(machine_id)
 
+    def test_a_delete_after_a_takeover_is_lock_lost(self) -> None:
+        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
+        first.write(machine_id, {"n": 0}, None)
+        assert first.lock(machine_id, ttl=self.short_ttl)
+        state = first.read(machine_id)
+        time.sleep(self.short_ttl + 0.1)
+        assert second.lock(machine_id)
+        second.write(machine_id, {"n": 1}, second.read(machine_id))
+        with _raises(LockLost):
+            first.delete(machine_id, state)
+        with _raises(LockLost):
+            first.overwrite(machine_id, {"n": 2})
+        assert second.read(machine_id) == {"n": 1}
+        assert second.unlock(machine_id)
+        assert first.unlock(machine_id) is True  # not held any more: nothing to release
+
     def test_a_lock_is_extended_only_with_its_own_token(self) -> None:
         first, machine_id = self.make_memory(), self.new_id()
         assert first.lock(machine_id)

@@ -135,6 +135,7 @@ def test_no_state_to_delete(memory: MachineMemory, mid: str) -> None:
     with pytest.raises(WriteConflict) as raised:
         memory.delete(mid, version=1)
     assert message(raised) == f"Machine {mid!r} has no state to delete."
+    assert (raised.value.expected_version, raised.value.actual_version) == (1, None)
 
 
 def test_another_version_than_the_one_pinned(memory: MachineMemory, mid: str) -> None:
