@@ -309,9 +309,11 @@ class MachineMemoryConformance:
         assert first.unlock(machine_id)  # gives the lock up; writes are only versioned again
         first.write(machine_id, {"owner": "first"}, first.read(machine_id))
 
-    def test_a_write_after_a_takeover_and_a_newer_write_is_lock_lost(self) -> None:
-        # Not a plain WriteConflict: the version moved on because the lock was lost, and
-        # the holder must drop the event, not read again and retry.
+    def _taken_over_and_written(
+        self,
+    ) -> tuple[MachineMemory, MachineMemory, str, dict[str, Any] | None]:
+        """``first`` read ``{"n": 0}`` under a lock that expired; ``second`` took the lock
+        over and wrote ``{"n": 1}``, and still holds it. With what ``first`` read."""
         first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
         first.write(machine_id, {"n": 0}, None)
         assert first.lock(machine_id, ttl=self.short_ttl)
@@ -319,6 +321,12 @@ class MachineMemoryConformance:
         time.sleep(self.short_ttl + 0.1)
         assert second.lock(machine_id)
         second.write(machine_id, {"n": 1}, second.read(machine_id))
+        return first, second, machine_id, state
+
+    def test_a_write_after_a_takeover_and_a_newer_write_is_lock_lost(self) -> None:
+        # Not a plain WriteConflict: the version moved on because the lock was lost, and
+        # the holder must drop the event, not read again and retry.
+        first, second, machine_id, state = self._taken_over_and_written()
         assert second.unlock(machine_id)
         with _raises(LockLost):
             first.write(machine_id, {"n": 2}, state)
@@ -326,13 +334,7 @@ class MachineMemoryConformance:
         assert first.unlock(machine_id)
 
     def test_a_delete_after_a_takeover_is_lock_lost(self) -> None:
-        first, second, machine_id = self.make_memory(), self.make_memory(), self.new_id()
-        first.write(machine_id, {"n": 0}, None)
-        assert first.lock(machine_id, ttl=self.short_ttl)
-        state = first.read(machine_id)
-        time.sleep(self.short_ttl + 0.1)
-        assert second.lock(machine_id)
-        second.write(machine_id, {"n": 1}, second.read(machine_id))
+        first, second, machine_id, state = self._taken_over_and_written()
         with _raises(LockLost):
             first.delete(machine_id, state)
         with _raises(LockLost):

@@ -786,8 +786,9 @@ def main() -> int:
     parser.add_argument(
         "patterns", nargs="*", help="mutant names or globs to run (default: every mutant)"
     )
-    parser.add_argument("--resume", action="store_true", help="skip mutants that have a result")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--resume", action="store_true", help="skip mutants that have a result")
+    which.add_argument(
         "--survivors",
         action="store_true",
         help="run only the mutants that survived (but are not equivalent), had no test or"
