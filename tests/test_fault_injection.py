@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import random
+import re
 import socket
 import sqlite3
 import threading
@@ -213,15 +214,43 @@ def assert_stays(alias: str, mid: str, expected: dict[str, Any] | None, watch: b
     observe(look)
 
 
-def assert_nothing_stored(exc: BaseException | None) -> WriteError:
-    """A write failure that promises nothing was stored: a plain WriteError, cause chained."""
+def assert_nothing_stored(exc: BaseException | None, mid: str) -> WriteError:
+    """A write failure that promises nothing was stored: a plain WriteError, cause chained,
+    and a message that says so in so many words (the driver's between them)."""
     assert isinstance(exc, WriteError), f"expected WriteError, got {exc!r}"
     assert not isinstance(exc, WriteConflict), exc
     assert isinstance(exc.__cause__, TRANSIENT), repr(exc.__cause__)
+    cause = exc.__cause__
+    assert str(exc) in {
+        f"Writing machine {mid!r} failed: {cause}. Nothing was stored.",
+        f"Could not overwrite machine {mid!r}: {cause}. Nothing was stored.",
+        f"Could not delete machine {mid!r}: {cause}. Nothing was stored.",
+    }, str(exc)
     return exc
 
 
-def assert_reported_as_not_landed(exc: BaseException | None, kind: str) -> None:
+def assert_unknown(exc: BaseException | None, mid: str, why: str) -> WriteOutcomeUnknown:
+    """A write whose outcome could not be settled: it says why, and that the caller must read
+    the state before retrying (docs/contract.md#when-the-connection-dies)."""
+    assert isinstance(exc, WriteOutcomeUnknown), f"expected WriteOutcomeUnknown: {exc!r}"
+    assert isinstance(exc.__cause__, TRANSIENT), repr(exc.__cause__)
+    assert exc.id == mid
+    failed = re.escape(f"Writing machine {mid!r} failed: {exc.__cause__}")
+    reasons = {
+        "unchecked": r", and whether it was stored could not be checked: .+",
+        "session": re.escape(
+            ", and whether it was stored cannot be told (the server session that ran it could "
+            "not be confirmed ended)"
+        ),
+        "moved": re.escape(", and whether it was stored cannot be told (the state has moved on ")
+        + r"to version (\d+|None)\)",
+    }
+    pattern = failed + reasons[why] + re.escape(". Read the state before you retry.")
+    assert re.fullmatch(pattern, str(exc), re.DOTALL), str(exc)
+    return exc
+
+
+def assert_reported_as_not_landed(exc: BaseException | None, kind: str, mid: str) -> None:
     """The outcome of a call that did not land, as the settled check must report it.
 
     A create leaves no row either way, and no row also looks like a create that landed and
@@ -229,10 +258,9 @@ def assert_reported_as_not_landed(exc: BaseException | None, kind: str) -> None:
     else still shows the version it started from: WriteError, nothing stored.
     """
     if kind == "create":
-        assert isinstance(exc, WriteOutcomeUnknown), f"expected WriteOutcomeUnknown: {exc!r}"
-        assert isinstance(exc.__cause__, TRANSIENT), repr(exc.__cause__)
+        assert_unknown(exc, mid, "moved")
     else:
-        assert_nothing_stored(exc)
+        assert_nothing_stored(exc, mid)
 
 
 def attempt(fn: Callable[[], Any]) -> BaseException | None:
@@ -648,7 +676,7 @@ def test_cut_before_the_statement_reaches_the_server_stores_nothing(
     trigger = proxied.proxy.cut_before(op.statement, keep_upstream=keep_upstream)
     outcome = attempt(op.run)
     assert trigger.count == 1
-    assert_reported_as_not_landed(outcome, kind)
+    assert_reported_as_not_landed(outcome, kind, mid)
     # The memory ended its old server session before it looked (and it stays ended).
     assert not session_alive(proxied.real, session)
     assert_stays(proxied.real, mid, op.before)
@@ -664,14 +692,17 @@ def test_cut_before_the_statement_reaches_the_server_stores_nothing(
 @KINDS
 @LOCKS
 def test_committed_statement_whose_reply_was_lost_returns_normally(
-    proxied: ProxiedDatabase, mid: str, kind: str, locks: str
+    proxied: ProxiedDatabase, mid: str, kind: str, locks: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     memory = memory_for(proxied, locks, kind, mid)
     op = prepare(memory, proxied, mid, kind)
     session = backend_id(proxied.alias)
     sent = proxied.proxy.watch(op.statement)
     trigger = proxied.proxy.cut_after_reply(op.statement, keep_upstream=True)
-    op.run()  # found out on a fresh connection that it landed
+    with caplog.at_level(logging.INFO, logger="machine_memory"):
+        op.run()  # found out on a fresh connection that it landed
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("machine_memory")]
+    assert said == [f"Write to {mid!r} landed although its connection failed."]
     assert trigger.count == 1
     assert sent.count == 1  # not sent a second time
     assert not session_alive(proxied.real, session)
@@ -747,7 +778,7 @@ def test_cut_while_the_statement_waits_for_a_row_lock_never_lands(
         assert proxied.proxy.cut(keep_upstream=True) == 1
         outcome = run.result(timeout=20)
         # Reported while the row lock is still held: the statement cannot have run yet.
-        assert_reported_as_not_landed(outcome, kind)
+        assert_reported_as_not_landed(outcome, kind, mid)
         assert not session_alive(proxied.real, sessions[0])
     # The row lock is gone: a session still waiting would run its statement now.
     assert_stays(proxied.real, mid, None if kind == "create" else op.before)
@@ -801,7 +832,7 @@ def test_write_stalled_before_the_server_then_cut_stores_nothing(
     helper = ThreadRun(network_gives_up)
     outcome = attempt(op.run)
     helper.result(timeout=20)
-    assert_nothing_stored(outcome)
+    assert_nothing_stored(outcome, mid)
     assert not session_alive(proxied.real, session)
     assert_stays(proxied.real, mid, op.before)
 
@@ -819,9 +850,8 @@ def test_outcome_that_cannot_be_checked_is_unknown_not_write_error(
     else:
         proxied.proxy.cut_before(op.statement, keep_upstream=True, then="refuse")
     outcome = attempt(op.run)
-    assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+    assert_unknown(outcome, mid, "unchecked")
     assert not isinstance(outcome, WriteError)  # it does not promise "nothing stored"
-    assert outcome.id == mid
     proxied.proxy.accept()
     # What really happened: when it landed, a WriteError would have been a lie.
     stored = read_real(proxied.real, mid)
@@ -851,7 +881,7 @@ def test_write_overwritten_before_it_could_be_checked_is_unknown(
     helper = ThreadRun(overwrite)
     outcome = attempt(op.run)
     helper.result(timeout=20)
-    assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+    assert_unknown(outcome, mid, "moved")
     assert read_real(proxied.real, mid) == {"n": 2}
 
 
@@ -877,7 +907,7 @@ def test_create_deleted_before_it_could_be_checked_is_unknown(
     helper = ThreadRun(delete_it)
     outcome = attempt(op.run)
     helper.result(timeout=20)
-    assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+    assert_unknown(outcome, mid, "moved")
 
 
 def test_delete_that_landed_before_the_state_was_made_again_is_unknown(
@@ -904,7 +934,7 @@ def test_delete_that_landed_before_the_state_was_made_again_is_unknown(
     helper = ThreadRun(make_it_again)
     outcome = attempt(lambda: memory.delete(mid, prev))
     helper.result(timeout=20)
-    assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+    assert_unknown(outcome, mid, "moved")
     assert read_real(proxied.real, mid) == {"n": 9}
 
 
@@ -962,7 +992,7 @@ def test_write_inside_atomic_fails_at_once_and_never_lands(
     # connection of its own ended the dead session, which would otherwise hold the row
     # lock of its uncommitted update until the server noticed the client was gone.
     assert reconnects == [1]
-    assert_nothing_stored(raised.value)
+    assert_nothing_stored(raised.value, mid)
     assert not session_alive(proxied.real, session)
     # Ended as it should be: nothing to warn about.
     assert not [r for r in caplog.records if r.name.startswith("machine_memory")]
@@ -975,7 +1005,7 @@ def test_write_is_sent_once_never_retried(proxied: ProxiedDatabase, mid: str) ->
     memory = MachineMemory(using=proxied.alias)
     op = prepare(memory, proxied, mid, "update")
     trigger = proxied.proxy.cut_before(UPDATE_STATE, times=None)
-    assert_nothing_stored(attempt(op.run))
+    assert_nothing_stored(attempt(op.run), mid)
     assert trigger.count == 1
     proxied.proxy.disarm()
     assert_stays(proxied.real, mid, op.before)
@@ -1006,7 +1036,7 @@ def test_overwrite_cut_before_its_update_stores_nothing(proxied: ProxiedDatabase
     memory = MachineMemory(using=proxied.alias)
     memory.write(mid, {"n": 0}, None)
     trigger = proxied.proxy.cut_before(UPDATE_STATE, keep_upstream=True)
-    assert_nothing_stored(attempt(lambda: memory.overwrite(mid, {"n": 1})))
+    assert_nothing_stored(attempt(lambda: memory.overwrite(mid, {"n": 1})), mid)
     assert trigger.count == 1
     assert_stays(proxied.real, mid, {"n": 0})
     proxied.proxy.release_upstreams()  # whatever the memory did about the old session
@@ -1034,7 +1064,7 @@ def test_row_locked_change_cut_leaves_the_row_usable(
     if where == "before-change":
         change = UPDATE_STATE if operation == "overwrite" else DELETE_STATE
         proxied.proxy.cut_before(change, keep_upstream=True)
-        assert_nothing_stored(attempt(run_operation))
+        assert_nothing_stored(attempt(run_operation), mid)
     else:
         connections[proxied.alias].close()
         wait_until(lambda: proxied.proxy.open_links == 0, "the set-up connection to close")
@@ -1050,7 +1080,7 @@ def test_row_locked_change_cut_leaves_the_row_usable(
             assert sent.wait(10)
             wait_for_the_row_lock_wait(proxied.real, sessions, run)
             assert proxied.proxy.cut(keep_upstream=True) == 1
-            assert_nothing_stored(run.result(timeout=20))
+            assert_nothing_stored(run.result(timeout=20), mid)
     assert_stays(proxied.real, mid, {"n": 0})
     # Another worker's write to the id goes through: no dead session holds the row.
     other = ThreadRun(lambda: MachineMemory(using=proxied.real).write(mid, {"n": 5}, {"n": 0}))
@@ -1225,8 +1255,12 @@ def test_unlock_that_cannot_reach_storage_returns_false_and_warns(
     proxied.proxy.cut_before(LOCK_TABLE, then="refuse")
     with caplog.at_level(logging.WARNING, logger="machine_memory"):
         assert memory.unlock(mid) is False  # never raises
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings and mid in warnings[-1].getMessage()
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    cause = warning.args[-1] if isinstance(warning.args, tuple) else None
+    assert isinstance(cause, TRANSIENT)
+    assert (
+        warning.getMessage() == f"Unlocking machine {mid!r} failed; leaving it to expire: {cause}"
+    )
     proxied.proxy.accept()
     info = MachineMemory(using=proxied.real).lock_info(mid)
     assert info is not None and info.owner == memory.owner  # left to expire by its TTL
@@ -1276,7 +1310,7 @@ def test_declared_pooler_leaves_an_unsettled_write_unknown(
         session = backend_id(proxied.alias)
         proxied.proxy.cut_before(op.statement, keep_upstream=True)
         outcome = attempt(op.run)
-        assert isinstance(outcome, WriteOutcomeUnknown), repr(outcome)
+        assert_unknown(outcome, mid, "session")
         assert session_alive(proxied.real, session)  # not ended: it may be somebody else's
         assert_stays(proxied.real, mid, op.before)
     finally:
@@ -1391,7 +1425,12 @@ def test_redis_unlock_that_cannot_reach_redis_returns_false_and_warns(
     redis_proxy.cut_before(EVALSHA, then="refuse")
     with caplog.at_level(logging.WARNING, logger="machine_memory"):
         assert memory.unlock(mid) is False  # never raises
-    assert any(mid in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    cause = warning.args[-1] if isinstance(warning.args, tuple) else None
+    assert isinstance(cause, RedisError)
+    assert (
+        warning.getMessage() == f"Unlocking machine {mid!r} failed; leaving it to expire: {cause}"
+    )
     redis_proxy.accept()
     other = redis_memory(alias, "redis_faults")
     info = other.lock_info(mid)
@@ -1441,7 +1480,7 @@ def test_sqlite_write_blocked_by_another_writer_stores_nothing(
         started = time.monotonic()
         outcome = attempt(op.run)
         assert time.monotonic() - started < 5
-        failure = assert_nothing_stored(outcome)
+        failure = assert_nothing_stored(outcome, mid)
         assert "locked" in str(failure.__cause__)
         assert_stays("default", mid, op.before, watch=False)
     # The other writer committed: nothing of the failed call shows up, then or later.

@@ -162,10 +162,27 @@ def test_write_raises_write_error_after_a_single_attempt(down: MachineMemory, mi
         down.write(mid, {"n": 1}, None)
     assert not isinstance(raised.value, WriteConflict)
     assert isinstance(raised.value.__cause__, DatabaseError)
-    # An update from a plain dict must first compare it with the stored state: same error.
+    # An update from a plain dict must first compare it with the stored state: same error,
+    # and the same for a delete.
+    changes: list[Callable[[], None]] = [
+        lambda: down.write(mid, {"n": 2}, {"n": 1}),
+        lambda: down.delete(mid, {"n": 1}),
+    ]
+    for change in changes:
+        with pytest.raises(WriteError) as raised:
+            change()
+        assert not isinstance(raised.value, WriteConflict)
+        assert str(raised.value) == f"Writing machine {mid!r} failed: {raised.value.__cause__}"
+
+
+def test_overwrite_of_a_server_that_does_not_answer_stored_nothing(
+    down: MachineMemory, mid: str
+) -> None:
     with pytest.raises(WriteError) as raised:
-        down.write(mid, {"n": 2}, {"n": 1})
-    assert not isinstance(raised.value, WriteConflict)
+        down.overwrite(mid, {"n": 1})
+    cause = raised.value.__cause__
+    assert isinstance(cause, DatabaseError)
+    assert str(raised.value) == f"Could not overwrite machine {mid!r}: {cause}. Nothing was stored."
 
 
 def assert_not_sent(error: WriteError, verb: str, mid: str) -> None:
@@ -210,11 +227,26 @@ def test_delete_that_never_connected_is_a_write_error(refusing: ProxiedDatabase,
     assert read_elsewhere(refusing.real, mid) == {"n": 1}
 
 
-def test_lock_raises_lock_error_not_false(down: MachineMemory, mid: str) -> None:
-    with pytest.raises(LockError) as raised:
-        down.lock(mid)
-    assert isinstance(raised.value.__cause__, DatabaseError)
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("call", ["lock", "lock_and_read"])
+def test_lock_raises_lock_error_not_false(
+    down: MachineMemory, mid: str, call: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="machine_memory"),
+        pytest.raises(LockError) as raised,
+    ):
+        getattr(down, call)(mid)
+    cause = raised.value.__cause__
+    assert isinstance(cause, DatabaseError)
+    assert str(raised.value) == f"Locking machine {mid!r} failed: {cause}"
     assert not down.holds(mid)
+    # The attempt may have landed before the connection died: released on a fresh
+    # connection, and when that fails too, said so (the TTL frees the id then).
+    assert warnings_of(caplog) == [f"Could not release {mid!r} after a failed lock()."]
 
 
 def test_unlock_returns_false_and_warns(
@@ -222,13 +254,19 @@ def test_unlock_returns_false_and_warns(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="machine_memory"):
         assert down.unlock(mid) is False
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings and mid in warnings[-1].getMessage()
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.exc_info is None
+    cause = warning.args[-1] if isinstance(warning.args, tuple) else None
+    assert isinstance(cause, DatabaseError)
+    assert warning.getMessage() == (
+        f"Unlocking machine {mid!r} failed; leaving it to expire: {cause}"
+    )
 
 
 def test_lock_info_raises_lock_error(down: MachineMemory, mid: str) -> None:
-    with pytest.raises(LockError):
+    with pytest.raises(LockError) as raised:
         down.lock_info(mid)
+    assert str(raised.value) == f"Reading the lock on {mid!r} failed: {raised.value.__cause__}"
 
 
 # -- a connection killed by the server -------------------------------------------------------
@@ -324,6 +362,9 @@ def test_connection_killed_mid_statement_stores_nothing(alias: str, mid: str) ->
     outcome = run.result()
     assert isinstance(outcome, WriteError) and not isinstance(outcome, WriteConflict)
     assert isinstance(outcome.__cause__, OperationalError)
+    assert (
+        str(outcome) == f"Writing machine {mid!r} failed: {outcome.__cause__}. Nothing was stored."
+    )
     assert read_elsewhere(alias, mid) == {"n": 0}
     # Nothing half-done either: the version is unchanged, so the redelivered event succeeds.
     memory.write(mid, {"n": 1}, prev)
@@ -411,8 +452,10 @@ def test_write_refused_by_the_database_raises_write_error_and_stores_nothing(
             write()
         # Not a lost race (the version was right), not an outcome to find out: refused.
         assert type(raised.value) is WriteError
-        assert isinstance(raised.value.__cause__, DatabaseError)
-        assert not isinstance(raised.value.__cause__, OperationalError)
+        cause = raised.value.__cause__
+        assert isinstance(cause, DatabaseError)
+        assert not isinstance(cause, OperationalError)
+        assert str(raised.value) == f"Writing machine {mid!r} failed: {cause}"
         assert read_elsewhere(alias, mid) == prev
         assert not MachineState.objects.using(alias).filter(pk=mid, version__gt=1).exists()
     if how == "session":
@@ -422,6 +465,21 @@ def test_write_refused_by_the_database_raises_write_error_and_stores_nothing(
     assert read_elsewhere(alias, mid) == {"n": 1}
     if how == "update-locked":
         assert memory.unlock(mid)
+
+
+@pytest.mark.parametrize("alias", ["mariadb"], indirect=True)
+def test_create_skipped_by_a_failed_check_raises_write_error(alias: str, mid: str) -> None:
+    """MariaDB's create is an INSERT IGNORE: a CHECK it fails skips the row without an error.
+    No row and no conflict is still a refusal, said as such (not a WriteConflict)."""
+    memory = MachineMemory(using=alias)
+    with refused_from_version(alias, mid, 1), pytest.raises(WriteError) as raised:
+        memory.write(mid, {"n": 1}, None)
+    assert type(raised.value) is WriteError
+    assert str(raised.value) == (
+        f"Creating machine {mid!r} was refused by the database although no state exists; "
+        "nothing was stored."
+    )
+    assert read_elsewhere(alias, mid) is None
 
 
 # -- a write whose reply was lost ------------------------------------------------------------
@@ -449,7 +507,9 @@ def test_write_rejected_before_its_reply_was_lost_raises(
     assert trigger.count == 1 and sent.count == 1  # it ran, once
     assert not isinstance(raised.value, WriteConflict)
     assert not isinstance(raised.value, WriteOutcomeUnknown)
-    assert isinstance(raised.value.__cause__, OperationalError | DatabaseError)
+    cause = raised.value.__cause__
+    assert isinstance(cause, OperationalError | DatabaseError)
+    assert str(raised.value) == f"Writing machine {mid!r} failed: {cause}. Nothing was stored."
     assert read_elsewhere(proxied.real, mid) == {"n": 1}
 
 

@@ -8,6 +8,8 @@ messages are pinned in test_validation.py.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import socket
@@ -169,6 +171,44 @@ def test_a_session_that_wrote_already(memory: MachineMemory, mid: str) -> None:
     )
 
 
+def test_a_read_under_a_lock_that_is_not_held(memory: MachineMemory, mid: str) -> None:
+    with pytest.raises(MachineMemoryError) as raised:
+        memory.read_holding(mid)
+    assert message(raised) == (
+        f"This instance holds no lock on {mid!r}: take it with lock() or lock_and_read() (or "
+        "adopt() a token) first."
+    )
+
+
+@pytest.mark.parametrize("call", ["lock", "alock", "lock_and_read", "alock_and_read"])
+def test_a_denied_lock_is_logged_with_each_pause(
+    memory: MachineMemory,
+    other: MachineMemory,
+    mid: str,
+    call: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At DEBUG: each busy attempt with its pause (only lock() says that), then the denial."""
+    assert other.lock(mid)
+    memory.lock_retries, memory.lock_backoff = 2, 0.001
+    try:
+        with caplog.at_level(logging.DEBUG, logger="machine_memory"):
+            outcome = getattr(memory, call)(mid)
+            if call.startswith("a"):
+                outcome = asyncio.run(outcome)
+    finally:
+        other.unlock(mid)
+    assert not outcome
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("machine_memory")]
+    busy = rf"Lock on {re.escape(repr(mid))} busy; retrying in \d\.\d{{3}} s\."
+    assert said[-1] == f"Lock on {mid!r} denied: held by another owner."
+    if call in ("lock", "alock"):
+        assert len(said) == 3
+        assert all(re.fullmatch(busy, line) for line in said[:2]), said
+    else:
+        assert said == [f"Lock on {mid!r} denied: held by another owner."]
+
+
 # -- arguments: refused before storage is touched, so no database is needed ------------------
 
 
@@ -289,6 +329,13 @@ def test_a_token_that_lock_never_issued(local: MachineMemory, token: Any) -> Non
 def test_the_largest_token_can_be_adopted(local: MachineMemory) -> None:
     local.adopt("m", 2**63 - 1)
     assert local.held_token("m") == 2**63 - 1
+
+
+def test_states_outside_django_have_no_database_alias(local: MachineMemory) -> None:
+    # The admin, the API and the commands need one; say so instead of failing later.
+    with pytest.raises(MachineMemoryError) as raised:
+        _ = local.using
+    assert message(raised) == f"{local.store!r} keeps its states outside Django's databases."
 
 
 def test_a_memory_shows_its_storage_and_owner() -> None:
