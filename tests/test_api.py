@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -986,6 +987,25 @@ def test_write_error_stays_storage_unavailable_nothing_changed(
         assert response["Retry-After"] == str(RETRY_AFTER)
         proxied.proxy.accept()
     assert MachineMemory(using=proxied.real).read(mid) == {"n": 1}
+
+
+def test_a_release_that_storage_fails_is_503_and_leaves_the_lock(
+    proxied: ProxiedDatabase, mid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """unlock() never raises: it answers False after its retries. The view looks once more
+    and finds the lock still this token's, so the release failed (503), not a 409."""
+    api = Api(client_for(make_user(staff=True)))
+    with override_settings(MACHINE_MEMORY=api_settings(proxied.alias, PREPARED_STATEMENTS=False)):
+        token = api.acquire(mid)["lock_token"]
+        trigger = proxied.proxy.cut_before(b"UPDATE machine_memory_lock", times=None)
+        with caplog.at_level(logging.WARNING, logger="machine_memory"):
+            response = api.release(mid, token)
+        assert trigger.count >= 1
+        assert_error(response, 503, "storage_unavailable")
+        proxied.proxy.disarm()
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert said[-1] == f"REST API: storage failure: Releasing the lock on {mid!r} failed."
+        assert api.release(mid, token).status_code == 204  # still held, by this token
 
 
 def test_atomic_requests_do_not_wrap_the_api(api: Api, alias: str, mid: str) -> None:

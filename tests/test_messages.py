@@ -29,6 +29,7 @@ from machine_memory.exceptions import (
 from machine_memory.locks.database import DatabaseLockBackend
 from machine_memory.stores.memory import InMemoryStateStore
 from machine_memory.testing import SimpleMachineMemory
+from tests.test_commands import ExternalLocks
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -336,6 +337,14 @@ def test_states_outside_django_have_no_database_alias(local: MachineMemory) -> N
     with pytest.raises(MachineMemoryError) as raised:
         _ = local.using
     assert message(raised) == f"{local.store!r} keeps its states outside Django's databases."
+
+
+def test_a_lock_backend_without_force_release(alias: str, mid: str) -> None:
+    # force_release is optional for third-party backends; asking one that lacks it says so.
+    memory = MachineMemory(using=alias, lock_backend=ExternalLocks)
+    with pytest.raises(NotImplementedError) as raised:
+        memory.force_unlock(mid)
+    assert message(raised) == "ExternalLocks cannot force-release locks."
 
 
 def test_a_memory_shows_its_storage_and_owner() -> None:
