@@ -352,7 +352,12 @@ def test_purge_expired_locks_logs_batches_with_verbosity_2(alias: str) -> None:
         expired_lock(alias)
     live, holder = live_lock(alias)
     _, err = run("purge_expired_locks", "--database", alias, "--batch-size", "1", verbosity=2)
-    assert re.search(r"INFO machine_memory_lock batch 1: deleted \d+ of 1 selected rows", err)
+    lines = err.splitlines()
+    assert "INFO machine_memory_lock batch 1: deleted 1 of 1 selected rows." in lines, err
+    assert all(
+        re.fullmatch(r"INFO machine_memory_lock batch \d+: deleted [01] of 1 selected rows\.", line)
+        for line in lines
+    ), err
     _, quiet = run("purge_expired_locks", "--database", alias, verbosity=1)
     assert quiet == ""
     assert holder.unlock(live)
