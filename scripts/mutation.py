@@ -702,6 +702,7 @@ def summary(files: Iterable[Path]) -> int:
     partial = _partial()
     rows: list[tuple[str, Counter[str]]] = []
     survivors: list[str] = []
+    messages: list[str] = []
     stale: list[str] = []
     seen: set[str] = set()
     for path in files:
@@ -720,6 +721,7 @@ def summary(files: Iterable[Path]) -> int:
                 status = "equivalent"
             elif status == "survived" and message_only(path, name):
                 status = "message"
+                messages.append(name)
             elif status == "survived":
                 survivors.append(name)
             elif name in listed:
@@ -757,6 +759,9 @@ def summary(files: Iterable[Path]) -> int:
     if stale:
         print(f"\nListed as equivalent but not a survivor now ({len(stale)}):")
         print("\n".join(f"  {name}" for name in stale))
+    if messages:
+        print(f"\nSurvivors that change only a message ({len(messages)}):")
+        print("\n".join(f"  {name}" for name in messages))
     if survivors:
         print(f"\nSurvivors not triaged ({len(survivors)}; `mutmut show NAME` shows one):")
         print(
@@ -765,7 +770,7 @@ def summary(files: Iterable[Path]) -> int:
                 for name in survivors
             )
         )
-    return 1 if survivors else 0
+    return 1 if survivors or messages else 0
 
 
 def _row(module: str, count: Counter[str], columns: list[str]) -> None:
