@@ -598,15 +598,16 @@ class MachineMemory:
             return
         if verdict is False and ended:
             raise WriteError(f"{failed}. Nothing was stored.") from exc
+        if verdict is False:
+            why = "the server session that ran it could not be confirmed ended"
+        elif row is None:
+            why = "there is no state now: never created, or deleted since"
+        else:
+            why = f"the state has moved on to version {row.version}"
         raise WriteOutcomeUnknown(
             machine_id,
-            f"{failed}, and whether it was stored cannot be told"
-            + (
-                " (the server session that ran it could not be confirmed ended)"
-                if verdict is False
-                else f" (the state has moved on to version {row.version if row else None})"
-            )
-            + ". Read the state before you retry.",
+            f"{failed}, and whether it was stored cannot be told ({why}). Read the state "
+            "before you retry.",
         ) from exc
 
     def _end_lost_session_quietly(self) -> None:

@@ -124,12 +124,11 @@ def encode_state(data: object, max_bytes: int) -> str:
     if not isinstance(data, dict):
         raise InvalidState(f"State must be a dict (a JSON object), not {type(data).__name__}.")
     # Outside the try: its InvalidState is a ValueError, which the encoder's handler below
-    # would wrap in a second message.
+    # would wrap in a second message. It also bounds the depth, so the encoder (which
+    # recurses once per level, as _check_keys does) meets no deeper value than it has.
     _check_keys(data)
     try:
         text = _encoder.encode(data)
-    except RecursionError:
-        raise InvalidState("State is nested too deeply to encode as JSON.") from None
     except ValueError as exc:  # NaN/Infinity, circular references
         raise InvalidState(
             f"State is not strict JSON ({exc}); NaN, Infinity and cycles are not allowed."

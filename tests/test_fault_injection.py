@@ -243,7 +243,11 @@ def assert_unknown(exc: BaseException | None, mid: str, why: str) -> WriteOutcom
             "not be confirmed ended)"
         ),
         "moved": re.escape(", and whether it was stored cannot be told (the state has moved on ")
-        + r"to version (\d+|None)\)",
+        + r"to version \d+\)",
+        "gone": re.escape(
+            ", and whether it was stored cannot be told (there is no state now: never created, "
+            "or deleted since)"
+        ),
     }
     pattern = failed + reasons[why] + re.escape(". Read the state before you retry.")
     assert re.fullmatch(pattern, str(exc), re.DOTALL), str(exc)
@@ -258,7 +262,7 @@ def assert_reported_as_not_landed(exc: BaseException | None, kind: str, mid: str
     else still shows the version it started from: WriteError, nothing stored.
     """
     if kind == "create":
-        assert_unknown(exc, mid, "moved")
+        assert_unknown(exc, mid, "gone")
     else:
         assert_nothing_stored(exc, mid)
 
@@ -907,7 +911,7 @@ def test_create_deleted_before_it_could_be_checked_is_unknown(
     helper = ThreadRun(delete_it)
     outcome = attempt(op.run)
     helper.result(timeout=20)
-    assert_unknown(outcome, mid, "moved")
+    assert_unknown(outcome, mid, "gone")
 
 
 def test_delete_that_landed_before_the_state_was_made_again_is_unknown(
