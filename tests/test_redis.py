@@ -8,7 +8,6 @@ outlive the counter, fencing across the two stores, a Redis that does not answer
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -128,20 +127,6 @@ def test_unusable_cache_alias_raises_a_clear_error(
     with pytest.raises(MachineMemoryError) as raised:
         RedisLockBackend(database=alias, cache=cache)
     assert str(raised.value) == message
-
-
-def test_redis_locks_without_django_redis_say_what_to_install(
-    alias: str, redis_cache: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # An installation without the "redis" extra: a None entry makes the import fail, as a
-    # package that is not installed does.
-    with monkeypatch.context() as patch, pytest.raises(MachineMemoryError) as raised:
-        patch.setitem(sys.modules, "django_redis", None)
-        RedisLockBackend(database=alias, cache=redis_cache)
-    assert str(raised.value) == (
-        'The "redis" lock backend needs django-redis: pip install '
-        '"django-machine-memory[redis]", or set MACHINE_MEMORY["LOCK_BACKEND"] = "database".'
-    )
 
 
 # -- keys --------------------------------------------------------------------------------------
