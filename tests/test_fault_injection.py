@@ -1047,6 +1047,57 @@ def test_overwrite_cut_before_its_update_stores_nothing(proxied: ProxiedDatabase
     assert memory.overwrite(mid, {"n": 1}) == 2  # the redelivered event
 
 
+def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name.startswith("machine_memory") and r.levelno >= logging.WARNING
+    ]
+
+
+def test_row_locked_change_whose_session_cannot_be_ended_warns(
+    proxied: ProxiedDatabase, mid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The overwrite's connection is cut before its change and the server then refuses
+    every connection, so its old session cannot be ended: nothing was stored (the
+    transaction never asked to commit), and the log says the session may linger."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    proxied.proxy.cut_before(UPDATE_STATE, then="refuse")
+    with caplog.at_level(logging.WARNING, logger="machine_memory"):
+        failure = assert_nothing_stored(attempt(lambda: memory.overwrite(mid, {"n": 1})), mid)
+    [warning] = machine_memory_warnings(caplog)
+    cause = warning.args[0] if isinstance(warning.args, tuple) else None
+    assert isinstance(cause, TRANSIENT) and cause is not failure.__cause__
+    assert warning.getMessage() == f"Could not end a failed statement's server session: {cause}"
+    proxied.proxy.accept()
+    assert_stays(proxied.real, mid, {"n": 0}, watch=False)
+    assert memory.overwrite(mid, {"n": 1}) == 2  # the redelivered event
+
+
+@pytest.mark.parametrize("proxied", ["postgres"], indirect=True)
+def test_row_locked_change_behind_a_declared_pooler_warns(
+    proxied: ProxiedDatabase, mid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a pooler the memory may not end the cut session (it may be somebody else's):
+    nothing was stored all the same, and the log says the session was not ended."""
+    settings_dict = connections[proxied.alias].settings_dict
+    settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = True
+    try:
+        memory = MachineMemory(using=proxied.alias)
+        memory.write(mid, {"n": 0}, None)
+        proxied.proxy.cut_before(UPDATE_STATE)
+        with caplog.at_level(logging.WARNING, logger="machine_memory"):
+            assert_nothing_stored(attempt(lambda: memory.overwrite(mid, {"n": 1})), mid)
+        assert [r.getMessage() for r in machine_memory_warnings(caplog)] == [
+            "A failed statement's server session could not be ended."
+        ]
+        assert_stays(proxied.real, mid, {"n": 0}, watch=False)
+    finally:
+        del settings_dict["DISABLE_SERVER_SIDE_CURSORS"]
+        connections[proxied.alias].close()
+
+
 @pytest.mark.parametrize("operation", ["overwrite", "delete"])
 @pytest.mark.parametrize("where", ["row-lock-wait", "before-change"])
 def test_row_locked_change_cut_leaves_the_row_usable(

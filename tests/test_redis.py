@@ -615,7 +615,12 @@ def test_down_write_of_a_holder_raises_write_error_and_stores_nothing(
         with pytest.raises(WriteError) as raised:
             down.write(mid, {"n": 1}, prev)
         assert not isinstance(raised.value, WriteConflict)
-        assert isinstance(raised.value.__cause__, RedisConnectionError)
+        cause = raised.value.__cause__
+        assert isinstance(cause, RedisConnectionError)
+        assert str(raised.value) == (
+            f"Writing machine {mid!r} failed: the lock on it could not be checked: {cause}. "
+            "Nothing was stored."
+        )
     assert down.read(mid) == {"n": 0}
 
 
