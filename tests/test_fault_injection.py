@@ -76,6 +76,8 @@ CREATE_STATE = {
 }
 DELETE_STATE = b"DELETE FROM machine_memory_state"
 READ_STATE = b"FROM machine_memory_state"
+# Only the read of a state (READ_STATE also finds a DELETE).
+LOAD_STATE = b"source FROM machine_memory_state WHERE machine_id"
 # The lock statement that commits an acquisition of an id never locked before, and of one
 # whose lock was released (MariaDB first tries a takeover UPDATE, then an INSERT IGNORE).
 ACQUIRE_FIRST = {
@@ -1053,6 +1055,38 @@ def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.Lo
         for r in caplog.records
         if r.name.startswith("machine_memory") and r.levelno >= logging.WARNING
     ]
+
+
+@pytest.mark.parametrize("change", ["write", "delete"])
+def test_rejected_change_whose_cause_cannot_be_looked_up(
+    proxied: ProxiedDatabase, mid: str, change: str
+) -> None:
+    """A stale change matched nothing; the look that tells a conflict from a takeover then
+    fails (the server refuses every connection). Not a WriteConflict the caller would act
+    on: a WriteError, and the change was not made."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    stale = memory.read(mid)
+    MachineMemory(using=proxied.real).write(mid, {"n": 1}, {"n": 0})
+    stale_change: Callable[[], None] = (
+        (lambda: memory.write(mid, {"n": 2}, stale))
+        if change == "write"
+        else (lambda: memory.delete(mid, stale))
+    )
+    looked = proxied.proxy.cut_before(LOAD_STATE, then="refuse")
+    with pytest.raises(WriteError) as raised:
+        stale_change()
+    assert looked.count == 1
+    assert type(raised.value) is WriteError
+    cause = raised.value.__cause__
+    assert isinstance(cause, TRANSIENT)
+    assert str(raised.value) == (
+        f"Writing machine {mid!r} was rejected: {cause}"
+        if change == "write"
+        else f"Deleting machine {mid!r} failed: {cause}"
+    )
+    proxied.proxy.accept()
+    assert read_real(proxied.real, mid) == {"n": 1}
 
 
 def test_row_locked_change_whose_session_cannot_be_ended_warns(
