@@ -467,6 +467,69 @@ def test_write_refused_by_the_database_raises_write_error_and_stores_nothing(
         assert memory.unlock(mid)
 
 
+@contextmanager
+def deletes_refused(alias: str, machine_id: str) -> Iterator[None]:
+    """The database refuses to delete the state of ``machine_id``: a trigger that raises,
+    added by the test and dropped after it."""
+    assert re.fullmatch(r"[\w-]+", machine_id)  # spelt into the DDL below
+    name = f"mm_keep_{uuid.uuid4().hex[:12]}"
+    vendor = connections[alias].vendor
+    refused = f"OLD.machine_id = '{machine_id}'"
+    if vendor == "sqlite":
+        add = [
+            f"CREATE TRIGGER {name} BEFORE DELETE ON machine_memory_state WHEN {refused}"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        ]
+        drop = [f"DROP TRIGGER {name}"]
+    elif vendor == "mysql":
+        add = [
+            f"CREATE TRIGGER {name} BEFORE DELETE ON machine_memory_state FOR EACH ROW BEGIN"
+            f" IF {refused} THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by the"
+            " test'; END IF; END"
+        ]
+        drop = [f"DROP TRIGGER {name}"]
+    else:
+        add = [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF {refused}"
+            " THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN OLD; END $$",
+            f"CREATE TRIGGER {name} BEFORE DELETE ON machine_memory_state FOR EACH ROW"
+            f" EXECUTE FUNCTION {name}()",
+        ]
+        drop = [f"DROP TRIGGER {name} ON machine_memory_state", f"DROP FUNCTION {name}()"]
+    with connections[alias].cursor() as cursor:
+        for sql in add:
+            cursor.execute(sql)
+    try:
+        yield
+    finally:
+        with connections[alias].cursor() as cursor:
+            for sql in drop:
+                cursor.execute(sql)
+
+
+@pytest.mark.parametrize("how", ["prev_data", "any-version"])
+def test_delete_refused_by_the_database_raises_write_error_and_keeps_the_state(
+    alias: str, mid: str, how: str
+) -> None:
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 0}, None)
+    prev = memory.read(mid)
+    with deletes_refused(alias, mid), pytest.raises(WriteError) as raised:
+        memory.delete(mid, prev if how == "prev_data" else None)
+    assert type(raised.value) is WriteError
+    cause = raised.value.__cause__
+    assert isinstance(cause, DatabaseError)
+    assert not isinstance(cause, OperationalError)
+    assert str(raised.value) == (
+        f"Deleting machine {mid!r} failed: {cause}"
+        if how == "prev_data"
+        else f"Could not delete machine {mid!r}: {cause}"
+    )
+    assert read_elsewhere(alias, mid) == {"n": 0}
+    memory.delete(mid, prev)  # nothing half-done: the redelivered event goes through
+    assert read_elsewhere(alias, mid) is None
+
+
 @pytest.mark.parametrize("alias", ["mariadb"], indirect=True)
 def test_create_skipped_by_a_failed_check_raises_write_error(alias: str, mid: str) -> None:
     """MariaDB's create is an INSERT IGNORE: a CHECK it fails skips the row without an error.
