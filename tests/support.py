@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from django.db.backends.signals import connection_created
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 VENDOR_IDS = {"default": "sqlite", "postgres": "postgres", "mariadb": "mariadb"}
 
@@ -57,3 +61,27 @@ WAITING_FOR_A_ROW_LOCK = {
     "mariadb": "SELECT 1 FROM information_schema.INNODB_TRX"
     " WHERE trx_mysql_thread_id = %s AND trx_state = 'LOCK WAIT'",
 }
+
+
+def churning_store() -> Any:
+    """An in-process state store where, each time a writer looks at an id under its row
+    lock, another writer has just deleted that id's state, and creates it again before
+    the writer's own create: what create-or-overwrite meets when others create and delete
+    the id as fast as it tries. Counts the looks in ``looks``."""
+    from machine_memory.stores.memory import InMemoryStateStore
+
+    class ChurningStore(InMemoryStateStore):
+        looks = 0
+
+        @contextmanager
+        def row_locked(self, machine_id: str) -> Iterator[int | None]:
+            self.looks += 1
+            self.shared.states.pop(machine_id, None)
+            with super().row_locked(machine_id) as version:
+                yield version
+
+        def insert(self, machine_id: str, text: str, meta: Any, fence: Any) -> bool:
+            super().insert(machine_id, '{"theirs": true}', meta, fence)
+            return super().insert(machine_id, text, meta, fence)
+
+    return ChurningStore()

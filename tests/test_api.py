@@ -27,11 +27,12 @@ from rest_framework.test import APIClient
 
 from machine_memory import MachineMemory
 from machine_memory.contrib.rest_framework import quote_id
-from machine_memory.contrib.rest_framework.errors import CODES, RETRY_AFTER
-from machine_memory.contrib.rest_framework.views import LOCK_TOKEN, owner_for
+from machine_memory.contrib.rest_framework.errors import CODES, RETRY_AFTER, ApiError
+from machine_memory.contrib.rest_framework.views import LOCK_TOKEN, StateDetailView, owner_for
 from machine_memory.exceptions import InvalidState, LockLost, WriteConflict
 from machine_memory.locks.base import LockBackend
-from tests.support import new_id
+from machine_memory.locks.memory import InMemoryLockBackend
+from tests.support import churning_store, new_id
 from tests.test_checks import assert_reported, messages_for
 
 if TYPE_CHECKING:
@@ -987,6 +988,23 @@ def test_write_error_stays_storage_unavailable_nothing_changed(
         assert response["Retry-After"] == str(RETRY_AFTER)
         proxied.proxy.accept()
     assert MachineMemory(using=proxied.real).read(mid) == {"n": 1}
+
+
+def test_a_create_or_overwrite_that_keeps_losing_is_409() -> None:
+    # The lock holder's PUT without a precondition creates or overwrites; when other writers
+    # create and delete the id between each of its tries, it gives up with a 409 that says
+    # nothing was stored. Staged in process: a database cannot be made to lose three times
+    # in a row on cue.
+    store = churning_store()
+    memory = MachineMemory(store=store, lock_backend=InMemoryLockBackend(shared=store.shared))
+    with pytest.raises(ApiError) as raised:
+        StateDetailView._overwrite(memory, "m", {"n": 1}, None, create=True)
+    assert (raised.value.status_code, raised.value.code) == (409, "conflict")
+    assert str(raised.value.detail) == (
+        "Machine 'm' kept changing between creates and deletes by other writers; nothing was "
+        "stored. Retry."
+    )
+    assert memory.read("m") == {"theirs": True}
 
 
 def test_a_release_that_storage_fails_is_503_and_leaves_the_lock(

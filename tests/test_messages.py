@@ -27,8 +27,10 @@ from machine_memory.exceptions import (
     WriteConflict,
 )
 from machine_memory.locks.database import DatabaseLockBackend
+from machine_memory.locks.memory import InMemoryLockBackend
 from machine_memory.stores.memory import InMemoryStateStore
 from machine_memory.testing import SimpleMachineMemory
+from tests.support import churning_store
 from tests.test_commands import ExternalLocks
 
 if TYPE_CHECKING:
@@ -345,6 +347,18 @@ def test_a_lock_backend_without_force_release(alias: str, mid: str) -> None:
     with pytest.raises(NotImplementedError) as raised:
         memory.force_unlock(mid)
     assert message(raised) == "ExternalLocks cannot force-release locks."
+
+
+def test_create_or_overwrite_gives_up_after_three_tries() -> None:
+    # Each try finds no state under the row lock and then loses the create to another
+    # writer: three tries, then the last WriteConflict (nothing of ours was stored).
+    store = churning_store()
+    memory = MachineMemory(store=store, lock_backend=InMemoryLockBackend(shared=store.shared))
+    with pytest.raises(WriteConflict) as raised:
+        memory.overwrite("m", {"n": 1}, create=True)
+    assert store.looks == 3
+    assert (raised.value.expected_version, raised.value.actual_version) == (None, 1)
+    assert memory.read("m") == {"theirs": True}
 
 
 def test_a_memory_shows_its_storage_and_owner() -> None:
