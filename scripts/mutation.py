@@ -73,6 +73,8 @@ KILLED, SURVIVED, NO_TESTS, SKIPPED, SUSPICIOUS, TIMEOUT = 1, 0, 33, 34, 35, 36
 # A test of a mutant may take this many times its clean duration, at least MIN_TEST_TIME s.
 TIME_FACTOR = 5
 MIN_TEST_TIME = 5.0
+# A test this fast (seconds) runs in the first round with every one of its variants.
+CHEAP_TEST = 0.005
 MUTANT_NAME = re.compile(r"`(machine_memory\.[^`\s]+__mutmut_\d+)`")
 
 
@@ -294,7 +296,8 @@ class MutationRunner:
         this function, yet a slow one must not spend the budget that many fast ones could
         use (a constructor's mutants reach nearly every test). One variant of each other
         test before the second of any: the variants of a parametrised test (one per
-        database, per lock backend) seldom disagree."""
+        database, per lock backend) seldom disagree; but every variant of a test faster
+        than CHEAP_TEST in the first round."""
         killers = self.killers.get(function, Counter())
 
         def cost(test: str) -> float:
@@ -302,6 +305,9 @@ class MutationRunner:
 
         tests = set(tests)
         known = {t for t in tests if killers[t]}
+        # Cheap variants (unit tests, each pinning another input or message) all run in the
+        # first round: they cost next to nothing, and they do disagree.
+        known |= {t for t in tests if self.duration[t] < CHEAP_TEST}
         variants: dict[str, list[str]] = defaultdict(list)
         for test in sorted(tests - known, key=lambda t: self.duration[t]):
             variants[test.partition("[")[0]].append(test)
