@@ -7,7 +7,7 @@ import io
 import os
 import time
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from django.core.management import call_command
@@ -572,6 +572,40 @@ def test_ids_that_differ_in_case_spaces_or_accents_are_distinct(
     assert MachineState.objects.using(alias).filter(machine_id__in=variants).count() == len(
         variants
     )
+
+
+def test_on_mysql_the_vendor_module_picks_mysqls_types_and_refuses_database_locks() -> None:
+    """What sql/mysql.py chooses on a MySQL server (not MariaDB): its binary collation, its
+    own JSON type, no routines to install, and database locks refused with the fix named.
+    There is no MySQL server here, so a stand-in for Django's connection and the driver's
+    carries the two facts the module reads: ``mysql_is_mariadb`` and the server version."""
+    from types import SimpleNamespace
+
+    from machine_memory.exceptions import MachineMemoryError
+    from machine_memory.sql.mysql import MySQLDialect
+
+    dialect = MySQLDialect()
+    mysql = cast("Any", SimpleNamespace(mysql_is_mariadb=False))
+    mariadb = cast("Any", SimpleNamespace(mysql_is_mariadb=True))
+    assert (dialect.id_collation(mysql), dialect.id_collation(mariadb)) == (
+        "utf8mb4_0900_bin",
+        "utf8mb4_nopad_bin",
+    )
+    assert (dialect.state_db_type(mysql), dialect.state_db_type(mariadb)) == (None, "longtext")
+    executed: list[str] = []
+    editor = cast("Any", SimpleNamespace(connection=mysql, execute=executed.append))
+    dialect.install(editor)
+    dialect.uninstall(editor)
+    assert executed == []  # no sequence, no procedures on MySQL
+    server = SimpleNamespace(get_server_info=lambda: "8.4.3")
+    cursor = cast("Any", SimpleNamespace(connection=server))
+    for take in (dialect.acquire, dialect.acquire_and_read):
+        with pytest.raises(MachineMemoryError) as raised:
+            take(cursor, "m", "owner", 30.0)
+        assert str(raised.value) == (
+            "Database locks on MySQL need sequences, which only MariaDB has; use MariaDB or a "
+            "Redis lock backend."
+        )
 
 
 def test_the_columns_this_code_makes_keep_ids_and_deep_states_apart(alias: str) -> None:
