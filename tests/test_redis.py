@@ -394,6 +394,33 @@ def test_takeover_is_caught_in_redis_before_the_database(
     assert second.unlock(mid)
 
 
+def test_a_client_that_decodes_responses_to_str(alias: str, redis_cache: str, mid: str) -> None:
+    """A project's cache may set decode_responses=True: lock values then arrive as str. The
+    backend reads them the same (an owner with non-ASCII text included)."""
+    from django.conf import settings
+
+    # In the URL, not CONNECTION_POOL_KWARGS: django-redis keeps one pool per URL, and the
+    # test cache's pool (bytes) already exists.
+    location = settings.CACHES[redis_cache]["LOCATION"]
+    decoding = {**settings.CACHES[redis_cache], "LOCATION": f"{location}?decode_responses=True"}
+    with override_settings(CACHES={**settings.CACHES, "redis_decoding": decoding}):
+        memory = MachineMemory(
+            using=alias,
+            lock_backend=RedisLockBackend(database=alias, cache="redis_decoding"),
+            owner="wörker:1",
+        )
+        assert memory.lock(mid)
+        backend = locks_of(memory)
+        assert isinstance(backend.client.get(backend.lock_key(mid)), str)  # decoded
+        info = memory.lock_info(mid)
+        assert info is not None
+        assert (info.owner, info.token) == ("wörker:1", memory.held_token(mid))
+        assert info.expires_at > info.acquired_at
+        memory.write(mid, {"n": 1}, None)  # fenced through the same values
+        assert memory.unlock(mid)
+        assert memory.lock_info(mid) is None
+
+
 def test_fence_column_refuses_a_lower_token_that_redis_let_through(
     alias: str, redis_settings: None, client: Redis
 ) -> None:
