@@ -610,6 +610,25 @@ def test_end_session_ends_another_session_and_waits_until_it_is_gone(alias: str)
         victim.close()
 
 
+@pytest.mark.parametrize("alias", ["postgres"], indirect=True)
+def test_end_session_says_so_when_a_session_outlives_its_deadline(alias: str) -> None:
+    """A session still listed at the deadline is reported not ended (the memory then cannot
+    promise that nothing was stored). Staged with a server process that no client may end:
+    PostgreSQL's checkpointer, listed in pg_stat_activity, which pg_terminate_backend
+    refuses with a warning and leaves running."""
+    connection = connections[alias]
+    dialect = dialect_for(connection)
+    with dialect.errors(connection):
+        cursor = cursor_for(connection)
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+        (checkpointer,) = cursor.fetchone()
+        started = time.monotonic()
+        assert dialect.end_session(cursor, checkpointer, 0.05) is False
+        assert 0.05 <= time.monotonic() - started < 5  # looked until the deadline, then gave up
+        cursor.execute(ALIVE["postgres"], (checkpointer,))
+        assert cursor.fetchone() is not None  # and it is still there
+
+
 @SERVERS
 def test_a_lock_retried_inside_atomic_ends_only_its_own_dead_connection(
     alias: str, mid: str
