@@ -455,6 +455,11 @@ def test_fence_column_refuses_a_lower_token_that_redis_let_through(
     with pytest.raises(LockLost) as raised:
         first.write(mid, {"by": "first again"}, latest)
     assert raised.value.expected_version == raised.value.actual_version == 3
+    # A delete, by prev_data or by version, is held to the same column.
+    with pytest.raises(LockLost):
+        first.delete(mid, latest)
+    with pytest.raises(LockLost):
+        first.delete(mid, version=3)
     assert second.read(mid) == {"by": "second"}
     assert stored_fence(alias, mid) == second_token
     # Releasing the lock ends the fencing: a plain versioned write goes through, and leaves
