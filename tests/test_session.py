@@ -437,7 +437,7 @@ def test_write_and_release_cut_while_waiting_for_a_row_lock_never_lands(
             wait_for_the_row_lock_wait(proxied.real, sessions, run)
             assert proxied.proxy.cut(keep_upstream=True) == 1
             outcome = run.result(timeout=20)
-            assert_nothing_stored(outcome)
+            assert_nothing_stored(outcome, mid)
             assert not session_alive(proxied.real, sessions[0])
         assert_stays(proxied.real, mid, before)
         assert not s.written
