@@ -375,6 +375,20 @@ def test_connection_killed_mid_statement_stores_nothing(alias: str, mid: str) ->
 
 
 @contextmanager
+def schema_changed(alias: str, add: list[str], drop: list[str]) -> Iterator[None]:
+    """Run the statements ``add`` for the block, then ``drop``."""
+    with connections[alias].cursor() as cursor:
+        for sql in add:
+            cursor.execute(sql)
+    try:
+        yield
+    finally:
+        with connections[alias].cursor() as cursor:
+            for sql in drop:
+                cursor.execute(sql)
+
+
+@contextmanager
 def refused_from_version(
     alias: str, machine_id: str, version: int, *, signal: bool = False
 ) -> Iterator[None]:
@@ -411,15 +425,8 @@ def refused_from_version(
         refused = f"machine_id = '{machine_id}' AND version >= {version}"
         add = [f"ALTER TABLE machine_memory_state ADD CONSTRAINT {name} CHECK (NOT ({refused}))"]
         drop = [f"ALTER TABLE machine_memory_state DROP CONSTRAINT {name}"]
-    with connections[alias].cursor() as cursor:
-        for sql in add:
-            cursor.execute(sql)
-    try:
+    with schema_changed(alias, add, drop):
         yield
-    finally:
-        with connections[alias].cursor() as cursor:
-            for sql in drop:
-                cursor.execute(sql)
 
 
 @pytest.mark.parametrize("how", ["create", "update", "update-locked", "session"])
@@ -496,15 +503,8 @@ def deletes_refused(alias: str, machine_id: str) -> Iterator[None]:
             f" EXECUTE FUNCTION {name}()",
         ]
         drop = [f"DROP TRIGGER {name} ON machine_memory_state", f"DROP FUNCTION {name}()"]
-    with connections[alias].cursor() as cursor:
-        for sql in add:
-            cursor.execute(sql)
-    try:
+    with schema_changed(alias, add, drop):
         yield
-    finally:
-        with connections[alias].cursor() as cursor:
-            for sql in drop:
-                cursor.execute(sql)
 
 
 @pytest.mark.parametrize("how", ["prev_data", "any-version"])
