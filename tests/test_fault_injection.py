@@ -1291,6 +1291,25 @@ def test_lock_cut_before_it_reached_the_server_is_retried(
     assert memory.unlock(mid)
 
 
+def test_lock_cut_after_a_lock_inside_atomic_ends_the_session_it_ran_on(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """A lock taken inside atomic() ran on a side connection, which stays open. A later lock
+    outside any transaction runs on the alias's own connection; when that one is cut, its
+    server session is the one to end, not the idle side connection's."""
+    memory = MachineMemory(using=proxied.alias, lock_retries=0)
+    with transaction.atomic(using=proxied.alias):
+        assert memory.lock(f"{mid}-a") and memory.unlock(f"{mid}-a")
+    assert memory.read(mid) is None  # connected
+    session = backend_id(proxied.alias)
+    trigger = proxied.proxy.cut_before(ACQUIRE_FIRST[vendor(proxied)], keep_upstream=True)
+    assert memory.lock(mid) is True
+    assert trigger.count == 1
+    assert not session_alive(proxied.real, session)
+    assert memory.unlock(mid)
+    memory.close()
+
+
 @pytest.mark.parametrize("landed", [False, True], ids=["not-landed", "landed"])
 def test_lock_that_cannot_reach_storage_raises_lock_error_not_false(
     proxied: ProxiedDatabase, mid: str, landed: bool
