@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 from django.core.management import call_command
 from django.db import connections
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from machine_memory import MachineMemory
@@ -693,3 +694,19 @@ def test_the_id_field_takes_django_fields_arguments() -> None:
     field = MachineIdField("workflow", primary_key=True)
     assert (field.verbose_name, field.primary_key, field.max_length) == ("workflow", True, 512)
     assert MachineIdField(max_length=64).max_length == 64
+
+
+def test_summaries_leave_the_state_document_behind(alias: str, mid: str) -> None:
+    # Listings (the API's GET states/) read every column but the document, which may be a
+    # megabyte; the document is read only for a row that asks for it.
+    MachineMemory(using=alias).write(mid, {"big": "x" * 1000}, None)
+    connection = connections[alias]
+    with CaptureQueriesContext(connection) as listed:
+        (row,) = MachineState.objects.using(alias).filter(pk=mid).summaries()
+        assert row.version == 1
+    [listing] = [query["sql"] for query in listed.captured_queries]
+    quote = connection.ops.quote_name
+    assert quote("version") in listing and quote("state") not in listing, listing
+    with CaptureQueriesContext(connection) as loaded:
+        assert row.state == {"big": "x" * 1000}
+    assert len(loaded.captured_queries) == 1

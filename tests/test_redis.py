@@ -394,6 +394,28 @@ def test_takeover_is_caught_in_redis_before_the_database(
     assert second.unlock(mid)
 
 
+def test_recover_leaves_the_commands_of_other_threads_alone(
+    alias: str, redis_cache: str, client: Redis
+) -> None:
+    """After a failure recover() drops the pool's idle connections; a connection another
+    thread is using at that moment (here, a blocking pop) goes on with its command."""
+    backend = RedisLockBackend(database=alias, cache=redis_cache)
+    key = f"machine_memory:test:{new_id()}"
+    popped: list[Any] = []
+    # Within the test cache's socket timeout (2 s).
+    popper = threading.Thread(target=lambda: popped.append(backend.client.blpop([key], 1.5)))
+    popper.start()
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline and not any(
+        c["cmd"] == "blpop" for c in client.client_list()
+    ):
+        time.sleep(0.01)
+    backend.recover()
+    client.rpush(key, b"x")
+    popper.join(10)
+    assert popped == [(key.encode(), b"x")]
+
+
 def test_a_client_that_decodes_responses_to_str(alias: str, redis_cache: str, mid: str) -> None:
     """A project's cache may set decode_responses=True: lock values then arrive as str. The
     backend reads them the same (an owner with non-ASCII text included)."""
