@@ -150,6 +150,13 @@ def test_e022_not_a_django_redis_cache(backend: str, alias: str) -> None:
     )
 
 
+def test_e022_for_a_cache_entry_without_a_backend() -> None:
+    entry = {"LOCATION": "redis://127.0.0.1:6379/13"}
+    with override_settings(CACHES=caches_with(bare=entry)):
+        message = only(messages_for({**REDIS, "REDIS_CACHE": "bare"}, False), "E022")
+    assert message.msg == "CACHES['bare'] uses '', which is not a django-redis cache."
+
+
 def test_e022_for_the_default_redis_cache_alias() -> None:
     # REDIS_CACHE defaults to "default", a LocMemCache in the test settings.
     only(messages_for({"LOCK_BACKEND": "redis"}), "E022")
