@@ -28,7 +28,7 @@ from machine_memory.exceptions import (
     WriteError,
 )
 from machine_memory.locks import backend_class
-from machine_memory.locks.redis import RedisLockBackend
+from machine_memory.locks.redis import RedisLockBackend, _ms
 from machine_memory.models import MachineState
 from machine_memory.testing import MachineMemoryConformance
 from machine_memory.validation import MAX_ID_LENGTH
@@ -392,6 +392,15 @@ def test_takeover_is_caught_in_redis_before_the_database(
         first.write(mid, {"by": "first"}, state)
     assert second.read(mid) == {"by": "nobody"}
     assert second.unlock(mid)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "ms"), [(0.001, 1), (0.0014, 1), (0.0016, 2), (1.1, 1100), (2592000, 2592000000)]
+)
+def test_ttls_reach_redis_as_whole_milliseconds_rounded(seconds: float, ms: int) -> None:
+    # PX takes whole milliseconds: the shortest TTL there is (1 ms) stays 1 ms, and 1.1 s is
+    # 1100 ms, not the 1101 that rounding up would make of 1.1 * 1000 = 1100.0000000000002.
+    assert _ms(seconds) == ms
 
 
 def test_recover_leaves_the_commands_of_other_threads_alone(
