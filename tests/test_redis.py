@@ -395,11 +395,11 @@ def test_takeover_is_caught_in_redis_before_the_database(
 
 
 @pytest.mark.parametrize(
-    ("seconds", "ms"), [(0.001, 1), (0.0014, 1), (0.0016, 2), (1.1, 1100), (2592000, 2592000000)]
+    ("seconds", "ms"), [(0.001, 1), (0.0014, 1), (0.0016, 2), (1.005, 1005), (2592000, 2592000000)]
 )
 def test_ttls_reach_redis_as_whole_milliseconds_rounded(seconds: float, ms: int) -> None:
-    # PX takes whole milliseconds: the shortest TTL there is (1 ms) stays 1 ms, and 1.1 s is
-    # 1100 ms, not the 1101 that rounding up would make of 1.1 * 1000 = 1100.0000000000002.
+    # PX takes whole milliseconds: the shortest TTL there is (1 ms) stays 1 ms, and 1.005 s
+    # is 1005 ms, not the 1004 that truncating would make of 1.005 * 1000 = 1004.999….
     assert _ms(seconds) == ms
 
 

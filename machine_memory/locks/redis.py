@@ -109,7 +109,8 @@ return {held, now[1] * 1000000 + now[2]}
 
 
 def _ms(seconds: float) -> int:
-    # PX takes whole milliseconds; round, so that 0.3 s is 300 ms and not 301.
+    # PX takes whole milliseconds. Rounded, not truncated: 1.005 s is 1005 ms (1.005 * 1000
+    # is 1004.999…), and the shortest TTL, 1 ms, stays 1 ms.
     return max(1, round(seconds * 1000))
 
 
