@@ -1173,11 +1173,11 @@ class MachineMemory:
     def _wrote_and_released(
         self, row: Stored | None, locked: Locked, data: dict[str, Any]
     ) -> bool | None:
-        """``_wrote`` for a write that commits together with its release: where no row can
-        tell (a create), the lock can. Still live with the session's token, it was not
-        released, so the write did not commit either."""
+        """``_wrote`` for a write that commits together with its release: where the row
+        cannot tell (no row, or one that has moved on), the lock can. Still live with the
+        session's token, it was not released, so the write did not commit either."""
         verdict = _wrote(row, data, locked.version)
-        if verdict is not None or row is not None:
+        if verdict is not None:
             return verdict
         try:
             info = self.locks.info(locked.machine_id)

@@ -32,6 +32,7 @@ from tests.test_fault_injection import (
     IDLE,
     assert_nothing_stored,
     assert_stays,
+    assert_unknown,
     attempt,
     backend_id,
     read_real,
@@ -444,6 +445,61 @@ def test_write_and_release_cut_while_waiting_for_a_row_lock_never_lands(
         info = MachineMemory(using=proxied.real).lock_info(mid)
         assert info is not None and info.token == s.token  # still ours
     assert MachineMemory(using=proxied.real).lock_info(mid) is None  # released on leaving
+
+
+def test_write_and_release_cut_while_others_moved_the_state_on_stored_nothing(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """The write + release never reached the server; before the memory could look, other
+    writers (without the lock) moved the state two versions on, so the row cannot tell.
+    The lock can: still live with the session's token, it was not released, so the write
+    (one transaction with the release) did not commit: nothing was stored."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    with memory.session(mid) as s:
+        connected = proxied.proxy.accepted
+        proxied.proxy.cut_before(WRITE_AND_RELEASE[proxied.real], then="stall")
+
+        def others_write() -> None:
+            wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
+            other = MachineMemory(using=proxied.real)
+            other.write(mid, {"n": "a"}, other.read(mid))
+            other.write(mid, {"n": "b"}, other.read(mid))
+            proxied.proxy.resume()
+
+        helper = ThreadRun(others_write)
+        outcome = attempt(lambda: s.write({"n": 1}))
+        helper.result(timeout=20)
+        assert_nothing_stored(outcome, mid)
+        assert not s.written
+    assert read_real(proxied.real, mid) == {"n": "b"}
+
+
+def test_session_create_deleted_before_it_could_be_checked_is_unknown(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """The create and the release committed, the reply was lost, and another worker deleted
+    the state before the memory looked: no row, no lock. Either could mean it never landed;
+    "nothing was stored" would be a lie, so the outcome is unknown."""
+    memory = MachineMemory(using=proxied.alias)
+    with memory.session(mid) as s:
+        connected = proxied.proxy.accepted
+        proxied.proxy.cut_after_reply(
+            WRITE_AND_RELEASE[proxied.real], keep_upstream=True, then="stall"
+        )
+
+        def delete_it() -> None:
+            wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
+            other = MachineMemory(using=proxied.real)
+            assert other.read(mid) == {"n": 1}  # it landed
+            other.delete(mid)
+            proxied.proxy.resume()
+
+        helper = ThreadRun(delete_it)
+        outcome = attempt(lambda: s.write({"n": 1}))
+        helper.result(timeout=20)
+        assert_unknown(outcome, mid, "gone")
+    assert MachineMemory(using=proxied.real).lock_info(mid) is None
 
 
 @pytest.mark.parametrize("create", [False, True], ids=["update", "create"])
