@@ -710,3 +710,43 @@ def test_summaries_leave_the_state_document_behind(alias: str, mid: str) -> None
     with CaptureQueriesContext(connection) as loaded:
         assert row.state == {"big": "x" * 1000}
     assert len(loaded.captured_queries) == 1
+
+
+@pytest.mark.usefixtures("db_access")
+def test_purge_keeps_the_high_water_row_of_its_own_sqlite_database() -> None:
+    """On SQLite the row with the highest token is kept; "highest" is that of the database
+    being purged, not of another database the project also has."""
+    from tests.test_migrations import new_database
+
+    busy = MachineMemory(using="default")
+    for machine_id in [new_id() for _ in range(3)]:  # the default's highest token is now >= 3
+        assert busy.lock(machine_id) and busy.unlock(machine_id)
+    with new_database("default") as other:
+        call_command("migrate", "machine_memory", database=other, verbosity=0)
+        memory = MachineMemory(using=other)
+        assert memory.lock("first", ttl=0.05) and memory.lock("second", ttl=0.05)
+        assert memory.held_token("second") == 2
+        time.sleep(0.1)
+        purged = MachineLock.objects.using(other).purge_expired()
+        assert (purged.deleted, purged.batches) == (1, 1)
+        assert list(MachineLock.objects.using(other).values_list("machine_id", flat=True)) == [
+            "second"
+        ]
+        memory.close()
+
+
+def test_purge_expired_takes_a_thousand_rows_a_batch_by_default(alias: str) -> None:
+    holder, top = MachineMemory(using=alias), new_id()
+    assert holder.lock(top)  # on SQLite, the high-water row: live, and above the rows below
+    prefix = new_id("gone")
+    past = timezone.now() - datetime.timedelta(hours=1)
+    MachineLock.objects.using(alias).bulk_create(
+        MachineLock(
+            machine_id=f"{prefix}-{n:04}", owner="gone", token=1, acquired_at=past, expires_at=past
+        )
+        for n in range(1001)
+    )
+    gone = MachineLock.objects.using(alias).filter(machine_id__startswith=prefix)
+    purged = gone.purge_expired()
+    assert (purged.deleted, purged.batches) == (1001, 2)
+    assert holder.unlock(top)
