@@ -750,3 +750,9 @@ def test_purge_expired_takes_a_thousand_rows_a_batch_by_default(alias: str) -> N
     purged = gone.purge_expired()
     assert (purged.deleted, purged.batches) == (1001, 2)
     assert holder.unlock(top)
+
+
+def test_rows_are_shown_by_their_machine_id() -> None:
+    # The admin's headings, its delete confirmation and its action messages show rows so.
+    assert str(MachineState(machine_id="order-7")) == "order-7"
+    assert str(MachineLock(machine_id="order-7", owner="w", token=3)) == "order-7"
