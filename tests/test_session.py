@@ -529,3 +529,41 @@ def test_write_and_release_whose_reply_stalls_is_settled_as_stored(
         assert s.written
     assert read_real(proxied.real, mid) == {"n": 1}
     assert MachineMemory(using=proxied.real).lock_info(mid) is None
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["new", "stored"])
+def test_read_holding_reads_under_a_lock_taken_by_lock(alias: str, mid: str, stored: bool) -> None:
+    """A front end that took the lock with lock() (or adopt()) reads as lock_and_read does:
+    the state, its version, and the lock itself when asked."""
+    memory = MachineMemory(using=alias)
+    if stored:
+        memory.write(mid, {"n": 1}, None)
+    assert memory.lock(mid)
+    try:
+        locked = memory.read_holding(mid)
+        assert (locked.machine_id, locked.token) == (mid, memory.held_token(mid))
+        assert (locked.state, locked.version) == (({"n": 1}, 1) if stored else (None, None))
+        assert locked.lock_info() == memory.lock_info(mid)
+    finally:
+        assert memory.unlock(mid)
+
+
+def test_read_holding_that_cannot_read_releases_the_lock(
+    alias: str, redis_cache: str, mid: str
+) -> None:
+    """Locks in Redis, states in a database that does not answer: the read fails, and the
+    lock is released rather than left to its TTL, since nobody got a state to act on."""
+    from django.conf import settings
+
+    from machine_memory.exceptions import ReadError
+    from machine_memory.locks.redis import RedisLockBackend
+
+    down = settings.DOWN_DATABASES[alias]
+    memory = MachineMemory(
+        using=down, lock_backend=RedisLockBackend(database=down, cache=redis_cache)
+    )
+    assert memory.lock(mid)
+    with pytest.raises(ReadError):
+        memory.read_holding(mid)
+    assert not memory.holds(mid)
+    assert memory.lock_info(mid) is None
