@@ -1057,6 +1057,23 @@ def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.Lo
     ]
 
 
+@pytest.mark.parametrize("operation", ["overwrite", "delete"])
+def test_row_locked_change_whose_commit_reply_was_lost_returns_normally(
+    proxied: ProxiedDatabase, mid: str, operation: str
+) -> None:
+    """overwrite() and delete() without prev_data commit their change under the row's lock;
+    the COMMIT's reply is lost. Settled on a fresh connection: the change landed."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    trigger = proxied.proxy.cut_after_reply(b"COMMIT", keep_upstream=True)
+    if operation == "overwrite":
+        assert memory.overwrite(mid, {"n": 1}) == 2
+    else:
+        memory.delete(mid)
+    assert trigger.count == 1
+    assert read_real(proxied.real, mid) == ({"n": 1} if operation == "overwrite" else None)
+
+
 @pytest.mark.parametrize("change", ["write", "delete"])
 def test_rejected_change_whose_cause_cannot_be_looked_up(
     proxied: ProxiedDatabase, mid: str, change: str
