@@ -6,6 +6,7 @@ under test with MACHINE_MEMORY["DATABASE"], as a project would route it.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -800,7 +801,19 @@ def test_extend(api: Api, mid: str) -> None:
     acquired = api.acquire(mid, ttl=5)
     response = api.extend(mid, acquired["lock_token"], ttl=600)
     assert response.status_code == 204
-    assert body(api.lock_get(mid))["expires_at"] > acquired["expires_at"]
+    lock = body(api.lock_get(mid))
+    assert lock["expires_at"] > acquired["expires_at"]
+    # By the TTL asked for, not the default: 600 s from the extend, so at least 599 s after
+    # the acquisition.
+    acquired_at, expires_at = (
+        datetime.datetime.fromisoformat(lock[key].replace("Z", "+00:00"))
+        for key in ("acquired_at", "expires_at")
+    )
+    assert (
+        datetime.timedelta(seconds=599)
+        <= expires_at - acquired_at
+        <= datetime.timedelta(seconds=601)
+    )
     assert_error(api.extend(mid, None), 400, "lock_token_required")
     assert_error(api.extend(mid, "nonsense"), 400, "invalid_lock_token")
     assert_error(api.extend(mid, f"{2**63}.{'a' * 43}"), 400, "invalid_lock_token")
@@ -1323,6 +1336,17 @@ def test_the_precondition_refusals_say_what_to_send(api: Api, mid: str) -> None:
     assert refusal(api.delete(mid, **{"If-Match": '"5"'}), 412, "precondition_failed") == (
         f"Machine {mid!r} is not at the version in If-Match; it is at 1."
     )
+
+
+def test_a_state_that_is_not_there_is_404_that_says_so(api: Api, mid: str) -> None:
+    for response in (api.get(mid), api.delete(mid), api.delete(mid, **{"If-Match": "*"})):
+        assert refusal(response, 404, "not_found") == f"Machine {mid!r} has no state."
+
+
+def test_delete_with_a_list_of_entity_tags_deletes_the_version_listed(api: Api, mid: str) -> None:
+    api.create(mid, {"n": 1})
+    assert api.delete(mid, **{"If-Match": '"3", "1"'}).status_code == 204
+    assert_error(api.get(mid), 404, "not_found")
 
 
 def test_the_lock_refusals_say_what_to_do(api: Api, mid: str) -> None:
