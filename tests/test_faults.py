@@ -630,6 +630,30 @@ def test_end_session_says_so_when_a_session_outlives_its_deadline(alias: str) ->
 
 
 @SERVERS
+def test_an_unlock_retried_inside_atomic_replaces_only_its_own_dead_connection(
+    alias: str, mid: str
+) -> None:
+    """Inside the caller's transaction locks run on a connection of their own. When it has
+    died, unlock() retries on a new one: it releases, and the caller's connection, with its
+    transaction, is left alone and commits."""
+    memory = MachineMemory(using=alias)
+    other = f"{mid}-b"
+    with transaction.atomic(using=alias):
+        memory.write(mid, {"n": 1}, None)  # the caller's uncommitted work
+        caller = backend_id(alias)
+        assert memory.lock(other)
+        side = cast("DatabaseLockBackend", memory.locks)._local.connection
+        side_session = noted_session(side)
+        assert side_session is not None and side_session != caller
+        kill(alias, side_session)
+        assert memory.unlock(other) is True
+        assert backend_id(alias) == caller
+    assert read_elsewhere(alias, mid) == {"n": 1}  # committed with the caller
+    assert MachineMemory(using=alias).lock_info(other) is None
+    memory.close()
+
+
+@SERVERS
 def test_a_lock_retried_inside_atomic_ends_only_its_own_dead_connection(
     alias: str, mid: str
 ) -> None:
