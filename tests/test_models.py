@@ -403,6 +403,13 @@ def test_old_holder_is_fenced_after_a_purge(alias: str) -> None:
     with pytest.raises(LockLost):
         holder.write(machine_id, {"n": 1}, state)
     assert row(alias, machine_id).state == {"n": 0}
+    # Also when the state has moved on meanwhile (the version no longer tells a takeover
+    # from a plain conflict: the missing lock row does).
+    thief.write(machine_id, {"n": 5}, thief.read(machine_id))
+    with pytest.raises(LockLost) as raised:
+        holder.write(machine_id, {"n": 1}, state)
+    assert (raised.value.expected_version, raised.value.actual_version) == (1, 2)
+    assert row(alias, machine_id).state == {"n": 5}
 
 
 # How long a lock lives that a test lets lapse.
