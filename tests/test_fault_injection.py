@@ -1058,20 +1058,30 @@ def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.Lo
 
 
 @pytest.mark.parametrize("operation", ["overwrite", "delete"])
-def test_row_locked_change_whose_commit_reply_was_lost_returns_normally(
-    proxied: ProxiedDatabase, mid: str, operation: str
+@pytest.mark.parametrize("where", ["before", "after-reply"])
+def test_row_locked_change_whose_commit_was_cut_is_settled(
+    proxied: ProxiedDatabase, mid: str, operation: str, where: str
 ) -> None:
-    """overwrite() and delete() without prev_data commit their change under the row's lock;
-    the COMMIT's reply is lost. Settled on a fresh connection: the change landed."""
+    """overwrite() and delete() without prev_data commit their change under the row's lock.
+    The COMMIT is cut before the server gets it (nothing stored: a WriteError), or its reply
+    is lost (settled on a fresh connection: the change landed, the call returns)."""
     memory = MachineMemory(using=proxied.alias)
     memory.write(mid, {"n": 0}, None)
-    trigger = proxied.proxy.cut_after_reply(b"COMMIT", keep_upstream=True)
-    if operation == "overwrite":
-        assert memory.overwrite(mid, {"n": 1}) == 2
+    change: Callable[[], object] = (
+        (lambda: memory.overwrite(mid, {"n": 1}))
+        if operation == "overwrite"
+        else (lambda: memory.delete(mid))
+    )
+    if where == "before":
+        trigger = proxied.proxy.cut_before(b"COMMIT")
+        assert_nothing_stored(attempt(change), mid)
+        after: dict[str, Any] | None = {"n": 0}
     else:
-        memory.delete(mid)
+        trigger = proxied.proxy.cut_after_reply(b"COMMIT", keep_upstream=True)
+        change()
+        after = {"n": 1} if operation == "overwrite" else None
     assert trigger.count == 1
-    assert read_real(proxied.real, mid) == ({"n": 1} if operation == "overwrite" else None)
+    assert read_real(proxied.real, mid) == after
 
 
 @pytest.mark.parametrize("change", ["write", "delete"])

@@ -120,7 +120,9 @@ def test_session_commits_once_to_lock_and_once_to_write(alias: str, mid: str) ->
     before = next_xid(alias)
     with memory.session(mid) as s:
         locked = next_xid(alias)
+        assert s.written is False
         s.write({"n": 1})
+        assert s.written is True
         written = next_xid(alias)
     assert (locked - before, written - locked) == (1, 1)
     assert next_xid(alias) == written  # leaving after the write commits nothing more
