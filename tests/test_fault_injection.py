@@ -1057,6 +1057,22 @@ def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.Lo
     ]
 
 
+def test_delete_whose_reply_was_lost_forgets_the_state_it_deleted(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    """Settled as landed, the delete is done: the object it was given stands for no version
+    any more (version_of(), the REST API's ETags), as after a delete whose reply came."""
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 0}, None)
+    prev = memory.read(mid)
+    assert memory.version_of(mid, prev) == 1
+    trigger = proxied.proxy.cut_after_reply(DELETE_STATE, keep_upstream=True)
+    memory.delete(mid, prev)
+    assert trigger.count == 1
+    assert memory.version_of(mid, prev) is None
+    assert read_real(proxied.real, mid) is None
+
+
 @pytest.mark.parametrize("operation", ["overwrite", "delete"])
 @pytest.mark.parametrize("where", ["before", "after-reply"])
 def test_row_locked_change_whose_commit_was_cut_is_settled(
