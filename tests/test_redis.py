@@ -425,6 +425,22 @@ def test_recover_leaves_the_commands_of_other_threads_alone(
     assert popped == [(key.encode(), b"x")]
 
 
+def test_locks_live_on_the_primary_of_a_cache_with_replicas(alias: str, redis_cache: str) -> None:
+    """A django-redis cache may list replicas after its primary; reads of the cache then go
+    to a replica. Locks must not: a replica may lag behind the lock it is asked about. (The
+    "replica" here is another database number of the same server: what matters is which
+    one the backend's client talks to.)"""
+    from django.conf import settings
+
+    primary = settings.CACHES[redis_cache]["LOCATION"]
+    base, _, number = primary.rpartition("/")
+    replica = f"{base}/{(int(number) + 1) % 16}"
+    entry = {**settings.CACHES[redis_cache], "LOCATION": [primary, replica]}
+    with override_settings(CACHES={**settings.CACHES, "redis_replicated": entry}):
+        backend = RedisLockBackend(database=alias, cache="redis_replicated")
+        assert backend.client.connection_pool.connection_kwargs["db"] == int(number)
+
+
 def test_a_client_that_decodes_responses_to_str(alias: str, redis_cache: str, mid: str) -> None:
     """A project's cache may set decode_responses=True: lock values then arrive as str. The
     backend reads them the same (an owner with non-ASCII text included)."""
