@@ -628,6 +628,17 @@ def test_end_session_says_so_when_a_session_outlives_its_deadline(alias: str) ->
         assert cursor.fetchone() is not None  # and it is still there
 
 
+def kill_the_side_connection(memory: MachineMemory, alias: str) -> int:
+    """Inside atomic(): end the server session of the connection the memory's locks run on,
+    which is not the caller's; the caller's session id."""
+    caller = backend_id(alias)
+    side = cast("DatabaseLockBackend", memory.locks)._local.connection
+    side_session = noted_session(side)
+    assert side_session is not None and side_session != caller
+    kill(alias, side_session)
+    return caller
+
+
 @SERVERS
 def test_an_unlock_retried_inside_atomic_replaces_only_its_own_dead_connection(
     alias: str, mid: str
@@ -639,12 +650,8 @@ def test_an_unlock_retried_inside_atomic_replaces_only_its_own_dead_connection(
     other = f"{mid}-b"
     with transaction.atomic(using=alias):
         memory.write(mid, {"n": 1}, None)  # the caller's uncommitted work
-        caller = backend_id(alias)
         assert memory.lock(other)
-        side = cast("DatabaseLockBackend", memory.locks)._local.connection
-        side_session = noted_session(side)
-        assert side_session is not None and side_session != caller
-        kill(alias, side_session)
+        caller = kill_the_side_connection(memory, alias)
         assert memory.unlock(other) is True
         assert backend_id(alias) == caller
     assert read_elsewhere(alias, mid) == {"n": 1}  # committed with the caller
@@ -663,13 +670,9 @@ def test_a_lock_retried_inside_atomic_ends_only_its_own_dead_connection(
     other = f"{mid}-b"
     with transaction.atomic(using=alias):
         memory.write(mid, {"n": 1}, None)  # the caller's uncommitted work
-        caller = backend_id(alias)
         assert memory.lock(other)
         assert memory.unlock(other)
-        side = cast("DatabaseLockBackend", memory.locks)._local.connection
-        side_session = noted_session(side)
-        assert side_session is not None and side_session != caller
-        kill(alias, side_session)
+        caller = kill_the_side_connection(memory, alias)
         assert memory.lock(other)
         assert backend_id(alias) == caller
     assert read_elsewhere(alias, mid) == {"n": 1}  # committed with the caller
