@@ -865,6 +865,25 @@ def test_outcome_that_cannot_be_checked_is_unknown_not_write_error(
     assert memory.read(mid) == stored
 
 
+def while_the_check_stalls(
+    proxied: ProxiedDatabase, run: Callable[[], Any], meanwhile: Callable[[MachineMemory], None]
+) -> BaseException | None:
+    """Run ``run``, whose fault was armed with ``then="stall"``: when the memory reconnects
+    to look whether its write landed, that connection hangs while ``meanwhile`` acts as
+    another worker on the real database, and then goes on. What ``run`` raised, or None."""
+    connected = proxied.proxy.accepted
+
+    def other_worker() -> None:
+        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
+        meanwhile(MachineMemory(using=proxied.real))
+        proxied.proxy.resume()
+
+    helper = ThreadRun(other_worker)
+    outcome = attempt(run)
+    helper.result(timeout=20)
+    return outcome
+
+
 def test_write_overwritten_before_it_could_be_checked_is_unknown(
     proxied: ProxiedDatabase, mid: str
 ) -> None:
@@ -872,21 +891,15 @@ def test_write_overwritten_before_it_could_be_checked_is_unknown(
     the row no longer tells whether ours was ever stored."""
     memory = MachineMemory(using=proxied.alias)
     op = prepare(memory, proxied, mid, "update")
-    connected = proxied.proxy.accepted
     # The reconnect for the check hangs (stalled) while another worker writes.
     proxied.proxy.cut_after_reply(op.statement, keep_upstream=True, then="stall")
 
-    def overwrite() -> None:
-        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
-        other = MachineMemory(using=proxied.real)
+    def overwrite(other: MachineMemory) -> None:
         landed = other.read(mid)
         assert landed == {"n": 1}
         other.write(mid, {"n": 2}, landed)
-        proxied.proxy.resume()
 
-    helper = ThreadRun(overwrite)
-    outcome = attempt(op.run)
-    helper.result(timeout=20)
+    outcome = while_the_check_stalls(proxied, op.run, overwrite)
     assert_unknown(outcome, mid, "moved")
     assert read_real(proxied.real, mid) == {"n": 2}
 
@@ -900,19 +913,13 @@ def test_create_deleted_before_it_could_be_checked_is_unknown(
     memory = MachineMemory(using=proxied.alias)
     op = prepare(memory, proxied, mid, "create")
     assert memory.read(mid) is None  # connected
-    connected = proxied.proxy.accepted
     proxied.proxy.cut_after_reply(op.statement, keep_upstream=True, then="stall")
 
-    def delete_it() -> None:
-        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
-        other = MachineMemory(using=proxied.real)
+    def delete_it(other: MachineMemory) -> None:
         assert other.read(mid) == {"n": 1}  # ours landed
         other.delete(mid)
-        proxied.proxy.resume()
 
-    helper = ThreadRun(delete_it)
-    outcome = attempt(op.run)
-    helper.result(timeout=20)
+    outcome = while_the_check_stalls(proxied, op.run, delete_it)
     assert_unknown(outcome, mid, "gone")
 
 
@@ -927,19 +934,13 @@ def test_delete_that_landed_before_the_state_was_made_again_is_unknown(
     memory.write(mid, {"n": 0}, None)
     memory.write(mid, {"n": 1}, memory.read(mid))
     prev = memory.read(mid)
-    connected = proxied.proxy.accepted
     proxied.proxy.cut_after_reply(DELETE_STATE, keep_upstream=True, then="stall")
 
-    def make_it_again() -> None:
-        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
-        other = MachineMemory(using=proxied.real)
+    def make_it_again(other: MachineMemory) -> None:
         assert other.read(mid) is None  # ours landed
         other.write(mid, {"n": 9}, None)
-        proxied.proxy.resume()
 
-    helper = ThreadRun(make_it_again)
-    outcome = attempt(lambda: memory.delete(mid, prev))
-    helper.result(timeout=20)
+    outcome = while_the_check_stalls(proxied, lambda: memory.delete(mid, prev), make_it_again)
     assert_unknown(outcome, mid, "moved")
     assert read_real(proxied.real, mid) == {"n": 9}
 
@@ -953,21 +954,16 @@ def test_equal_write_by_another_worker_is_taken_as_ours(proxied: ProxiedDatabase
     everywhere else."""
     memory = MachineMemory(using=proxied.alias)
     op = prepare(memory, proxied, mid, "update")
-    connected = proxied.proxy.accepted
     sent = proxied.proxy.watch(op.statement)
     proxied.proxy.cut_before(op.statement, keep_upstream=True, then="stall")
 
-    def write_the_same() -> None:
-        wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
-        other = MachineMemory(using=proxied.real)
+    def write_the_same(other: MachineMemory) -> None:
         prev = other.read(mid)
         assert prev == {"n": 0}  # ours did not land
         other.write(mid, {"n": 1}, prev)  # theirs, with the same content
-        proxied.proxy.resume()
 
-    helper = ThreadRun(write_the_same)
-    op.run()  # returns normally: taken as ours
-    helper.result(timeout=20)
+    # Returns normally: taken as ours.
+    assert while_the_check_stalls(proxied, op.run, write_the_same) is None
     assert sent.count == 0  # our statement never reached the server
     assert read_real(proxied.real, mid) == {"n": 1}
     op.follow_up()  # and the version memo agrees with what is stored

@@ -41,6 +41,7 @@ from tests.test_fault_injection import (
     session_alive,
     wait_for_the_row_lock_wait,
     wait_until,
+    while_the_check_stalls,
 )
 from tests.workers import ThreadRun, in_thread, run_threads
 
@@ -459,19 +460,13 @@ def test_write_and_release_cut_while_others_moved_the_state_on_stored_nothing(
     memory = MachineMemory(using=proxied.alias)
     memory.write(mid, {"n": 0}, None)
     with memory.session(mid) as s:
-        connected = proxied.proxy.accepted
         proxied.proxy.cut_before(WRITE_AND_RELEASE[proxied.real], then="stall")
 
-        def others_write() -> None:
-            wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
-            other = MachineMemory(using=proxied.real)
+        def others_write(other: MachineMemory) -> None:
             other.write(mid, {"n": "a"}, other.read(mid))
             other.write(mid, {"n": "b"}, other.read(mid))
-            proxied.proxy.resume()
 
-        helper = ThreadRun(others_write)
-        outcome = attempt(lambda: s.write({"n": 1}))
-        helper.result(timeout=20)
+        outcome = while_the_check_stalls(proxied, lambda: s.write({"n": 1}), others_write)
         assert_nothing_stored(outcome, mid)
         assert not s.written
     assert read_real(proxied.real, mid) == {"n": "b"}
@@ -485,21 +480,15 @@ def test_session_create_deleted_before_it_could_be_checked_is_unknown(
     "nothing was stored" would be a lie, so the outcome is unknown."""
     memory = MachineMemory(using=proxied.alias)
     with memory.session(mid) as s:
-        connected = proxied.proxy.accepted
         proxied.proxy.cut_after_reply(
             WRITE_AND_RELEASE[proxied.real], keep_upstream=True, then="stall"
         )
 
-        def delete_it() -> None:
-            wait_until(lambda: proxied.proxy.accepted > connected, "the memory's reconnect")
-            other = MachineMemory(using=proxied.real)
+        def delete_it(other: MachineMemory) -> None:
             assert other.read(mid) == {"n": 1}  # it landed
             other.delete(mid)
-            proxied.proxy.resume()
 
-        helper = ThreadRun(delete_it)
-        outcome = attempt(lambda: s.write({"n": 1}))
-        helper.result(timeout=20)
+        outcome = while_the_check_stalls(proxied, lambda: s.write({"n": 1}), delete_it)
         assert_unknown(outcome, mid, "gone")
     assert MachineMemory(using=proxied.real).lock_info(mid) is None
 
