@@ -1069,6 +1069,15 @@ def test_delete_whose_reply_was_lost_forgets_the_state_it_deleted(
     assert read_real(proxied.real, mid) is None
 
 
+def row_locked_change(memory: MachineMemory, mid: str, operation: str) -> Callable[[], Any]:
+    """Store ``{"n": 0}``; the call that changes it under the row's lock (``operation``:
+    overwrite to ``{"n": 1}``, or delete), without prev_data."""
+    memory.write(mid, {"n": 0}, None)
+    if operation == "overwrite":
+        return lambda: memory.overwrite(mid, {"n": 1})
+    return lambda: memory.delete(mid)
+
+
 @pytest.mark.parametrize("operation", ["overwrite", "delete"])
 @pytest.mark.parametrize("where", ["before", "after-reply"])
 def test_row_locked_change_whose_commit_was_cut_is_settled(
@@ -1078,12 +1087,7 @@ def test_row_locked_change_whose_commit_was_cut_is_settled(
     The COMMIT is cut before the server gets it (nothing stored: a WriteError), or its reply
     is lost (settled on a fresh connection: the change landed, the call returns)."""
     memory = MachineMemory(using=proxied.alias)
-    memory.write(mid, {"n": 0}, None)
-    change: Callable[[], object] = (
-        (lambda: memory.overwrite(mid, {"n": 1}))
-        if operation == "overwrite"
-        else (lambda: memory.delete(mid))
-    )
+    change = row_locked_change(memory, mid, operation)
     if where == "before":
         trigger = proxied.proxy.cut_before(b"COMMIT")
         assert_nothing_stored(attempt(change), mid)
@@ -1183,12 +1187,7 @@ def test_row_locked_change_cut_leaves_the_row_usable(
     default keepalives), and every later write to the id would hang. The memory must end
     that session."""
     memory = MachineMemory(using=proxied.alias)
-    memory.write(mid, {"n": 0}, None)
-    run_operation: Callable[[], Any] = (
-        (lambda: memory.overwrite(mid, {"n": 1}))
-        if operation == "overwrite"
-        else (lambda: memory.delete(mid))
-    )
+    run_operation = row_locked_change(memory, mid, operation)
     if where == "before-change":
         change = UPDATE_STATE if operation == "overwrite" else DELETE_STATE
         proxied.proxy.cut_before(change, keep_upstream=True)
