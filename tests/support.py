@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from django.db.backends.signals import connection_created
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    import pytest
 
 VENDOR_IDS = {"default": "sqlite", "postgres": "postgres", "mariadb": "mariadb"}
 
@@ -85,3 +88,12 @@ def churning_store() -> Any:
             return super().insert(machine_id, text, meta, fence)
 
     return ChurningStore()
+
+
+def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The warnings (and worse) the app's loggers recorded."""
+    return [
+        r
+        for r in caplog.records
+        if r.name.startswith("machine_memory") and r.levelno >= logging.WARNING
+    ]

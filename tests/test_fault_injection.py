@@ -46,7 +46,13 @@ from machine_memory.exceptions import (
 )
 from machine_memory.locks.redis import RedisLockBackend
 from tests.faultproxy import FaultProxy, ProxyError
-from tests.support import ALIVE, BACKEND_ID, WAITING_FOR_A_ROW_LOCK, new_id
+from tests.support import (
+    ALIVE,
+    BACKEND_ID,
+    WAITING_FOR_A_ROW_LOCK,
+    machine_memory_warnings,
+    new_id,
+)
 from tests.workers import ThreadRun
 
 if TYPE_CHECKING:
@@ -1043,14 +1049,6 @@ def test_overwrite_cut_before_its_update_stores_nothing(proxied: ProxiedDatabase
     assert_stays(proxied.real, mid, {"n": 0})
     proxied.proxy.release_upstreams()  # whatever the memory did about the old session
     assert memory.overwrite(mid, {"n": 1}) == 2  # the redelivered event
-
-
-def machine_memory_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [
-        r
-        for r in caplog.records
-        if r.name.startswith("machine_memory") and r.levelno >= logging.WARNING
-    ]
 
 
 def test_delete_whose_reply_was_lost_forgets_the_state_it_deleted(

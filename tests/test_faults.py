@@ -33,7 +33,7 @@ from machine_memory.exceptions import (
 )
 from machine_memory.models import MachineState
 from machine_memory.sql import dialect_for
-from tests.support import ALIVE, BACKEND_ID, KILL, WAITING_FOR_A_ROW_LOCK
+from tests.support import ALIVE, BACKEND_ID, KILL, WAITING_FOR_A_ROW_LOCK, machine_memory_warnings
 from tests.workers import ThreadRun, in_thread
 
 if TYPE_CHECKING:
@@ -226,10 +226,6 @@ def test_delete_that_never_connected_is_a_write_error(refusing: ProxiedDatabase,
     assert read_elsewhere(refusing.real, mid) == {"n": 1}
 
 
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
 @pytest.mark.parametrize("call", ["lock", "lock_and_read"])
 def test_lock_raises_lock_error_not_false(
     down: MachineMemory, mid: str, call: str, caplog: pytest.LogCaptureFixture
@@ -245,7 +241,9 @@ def test_lock_raises_lock_error_not_false(
     assert not down.holds(mid)
     # The attempt may have landed before the connection died: released on a fresh
     # connection, and when that fails too, said so (the TTL frees the id then).
-    assert warnings_of(caplog) == [f"Could not release {mid!r} after a failed lock()."]
+    assert [r.getMessage() for r in machine_memory_warnings(caplog)] == [
+        f"Could not release {mid!r} after a failed lock()."
+    ]
 
 
 def test_unlock_returns_false_and_warns(
