@@ -309,18 +309,18 @@ class MutationRunner:
             return self.duration[test] / (1 + killers[test])
 
         tests = set(tests)
-        known = {t for t in tests if killers[t]}
-        # Cheap variants (unit tests, each pinning another input or message) all run in the
-        # first round: they cost next to nothing, and they do disagree.
-        known |= {t for t in tests if self.duration[t] < CHEAP_TEST}
+        # Killers of this function, and cheap variants (unit tests, each pinning another input
+        # or message: they cost next to nothing, and they do disagree), all in the first round.
+        first_round = {t for t in tests if killers[t]}
+        first_round |= {t for t in tests if self.duration[t] < CHEAP_TEST}
         variants: dict[str, list[str]] = defaultdict(list)
-        for test in sorted(tests - known, key=lambda t: self.duration[t]):
+        for test in sorted(tests - first_round, key=lambda t: self.duration[t]):
             variants[test.partition("[")[0]].append(test)
         rounds: dict[int, list[str]] = defaultdict(list)
         for same in variants.values():
             for n, test in enumerate(same):
                 rounds[n].append(test)
-        first = sorted([*known, *rounds.pop(0, [])], key=lambda t: (cost(t), t))
+        first = sorted([*first_round, *rounds.pop(0, [])], key=lambda t: (cost(t), t))
         return first + [test for n in sorted(rounds) for test in rounds[n]]
 
     def run_one(
