@@ -326,6 +326,59 @@ def test_purge_expired_locks_skips_a_row_locked_by_another_transaction(row_locks
     assert live_holder.unlock(live)
 
 
+def test_purge_expired_locks_leaves_a_skipped_row_to_the_next_run_even_once_freed(
+    row_locks: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys only move forward: a run does not go back for the rows it skipped, so it ends
+    after one pass however busy the table is. Here the row is freed as soon as the batches
+    have passed it, and the run still leaves it."""
+    alias = row_locks
+    made = [expired_lock(alias) for _ in range(4)]
+    # The first of them in the database's own order of keys: the others come after it.
+    busy, *free = (
+        MachineLock.objects.using(alias)
+        .filter(pk__in=made)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    held, release = threading.Event(), threading.Event()
+    errors: list[str] = []
+    holder = threading.Thread(
+        target=hold_row_lock,
+        args=(alias, MachineLock.objects.filter(pk=busy), held, release, errors),
+    )
+    select = MachineLockQuerySet.next_batch
+    batches: list[list[Any]] = []
+    freed: list[int] = []
+
+    def free_the_row_once_passed(
+        self: MachineLockQuerySet, after: Any, size: int, *, claim: bool = False
+    ) -> list[Any]:
+        keys = select(self, after, size, claim=claim)
+        batches.append(keys)
+        if set(keys) & set(free) and not freed:
+            release.set()
+            holder.join(timeout=90)  # rolled back: the row is expired and free again
+            freed.append(len(batches))
+        return keys
+
+    holder.start()
+    try:
+        assert held.wait(timeout=30) and not errors, errors
+        monkeypatch.setattr(MachineLockQuerySet, "next_batch", free_the_row_once_passed)
+        run("purge_expired_locks", "--database", alias, "--batch-size", "1")
+    finally:
+        release.set()
+        holder.join(timeout=90)
+    assert errors == []
+    assert freed and freed[0] < len(batches)  # batches ran after it was freed
+    assert all(busy not in keys for keys in batches)
+    assert lock_ids(alias, [busy, *free]) == {busy}
+    monkeypatch.undo()
+    run("purge_expired_locks", "--database", alias)
+    assert lock_ids(alias, [busy]) == set()
+
+
 def test_purge_machine_states_skips_a_row_locked_by_another_transaction(row_locks: str) -> None:
     alias = row_locks
     status = f"done-{new_id()}"

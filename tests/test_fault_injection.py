@@ -1528,6 +1528,27 @@ def test_redis_fence_check_cut_raises_write_error_before_the_database(
     assert memory.unlock(mid)
 
 
+@pytest.mark.parametrize("kind", ["update", "delete"])
+def test_redis_fence_check_cut_once_is_asked_again_as_the_same_holder(
+    alias: str, redis_proxy: FaultProxy, mid: str, kind: str
+) -> None:
+    """One cut MGET: the check is asked again on a fresh connection, for the same owner
+    and token, and the change goes through fenced with that token."""
+    memory = redis_memory(alias)
+    op = prepare(memory, None, mid, kind)
+    assert memory.lock(mid)
+    token = memory.held_token(mid)
+    fence = redis_proxy.cut_before(MGET)
+    op.run()
+    assert fence.count == 1
+    assert read_real(alias, mid) == op.after
+    if kind == "update":
+        from machine_memory.models import MachineState
+
+        assert MachineState.objects.using(alias).get(machine_id=mid).fence == token
+    assert memory.unlock(mid)
+
+
 def test_redis_fence_check_cut_stores_nothing_on_any_database(
     alias: str, redis_proxy: FaultProxy, mid: str
 ) -> None:

@@ -13,11 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.db import connections
 
-from machine_memory import MachineMemory
+from machine_memory import MachineMemory, sql
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -136,3 +137,31 @@ def test_migrating_back_to_the_first_migration_keeps_the_memory_working(alias: s
         memory.close()
         call_command("migrate", "machine_memory", "zero", database=fresh, verbosity=0)
         assert vendor_objects(connections[fresh]) == set()
+
+
+def test_a_process_that_used_the_memory_before_it_migrates_installs_working_routines(
+    alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routines a migration installs are built from the statements a worker runs: a
+    process that locked before migrating (a test suite, a long-lived shell) must install
+    the same routines as one that migrates first."""
+    with new_database(alias) as fresh:
+        call_command("migrate", "machine_memory", database=fresh, verbosity=0)
+        # A process that starts with the schema in place: its statements not built yet.
+        monkeypatch.setattr(sql, "_dialects", {})
+        worker = MachineMemory(using=fresh)
+        assert worker.lock("m-1") and worker.unlock("m-1")
+        worker.close()
+        call_command("migrate", "machine_memory", "zero", database=fresh, verbosity=0)
+        call_command("migrate", "machine_memory", database=fresh, verbosity=0)
+        memory = MachineMemory(using=fresh)
+        with memory.session("m-1") as s:
+            s.write({"n": 1})
+        locked = memory.lock_and_read("m-1", ttl=60)
+        assert locked is not None and locked.state == {"n": 1}
+        info = locked.lock_info()  # as the acquiring statement returned it
+        assert info is not None and info.token == locked.token
+        assert (info.expires_at - info.acquired_at).total_seconds() == pytest.approx(60)
+        assert memory.unlock("m-1")
+        memory.close()
+        call_command("migrate", "machine_memory", "zero", database=fresh, verbosity=0)

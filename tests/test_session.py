@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from django.db import connections, transaction
+from django.utils import timezone
 
 from machine_memory import MachineMemory
 from machine_memory.connection import cursor_for
@@ -369,6 +370,23 @@ def test_lock_and_read_whose_reply_was_lost_adopts_the_lock(
         s.write({"n": 6})
     assert memory.read(mid) == {"n": 6}
     assert MachineMemory(using=proxied.real, lock_retries=0).lock_info(mid) is None
+
+
+def test_lock_and_read_cut_before_the_server_takes_the_lock_with_its_ttl_on_a_fresh_connection(
+    proxied: ProxiedDatabase, mid: str
+) -> None:
+    memory = MachineMemory(using=proxied.alias)
+    memory.write(mid, {"n": 5}, None)
+    trigger = proxied.proxy.cut_before(ACQUIRE_AND_READ[proxied.real])
+    with memory.session(mid, ttl=600) as s:
+        assert trigger.count == 1
+        assert s.state == {"n": 5} and s.version == 1
+        info = memory.lock_info(mid)
+        assert info is not None and info.token == s.token
+        left = (info.expires_at - timezone.now()).total_seconds()
+        assert 590 < left <= 600, left  # the session's TTL, not the default
+        s.write({"n": 6})
+    assert memory.read(mid) == {"n": 6}
 
 
 @pytest.mark.parametrize("create", [False, True], ids=["update", "create"])

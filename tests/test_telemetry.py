@@ -20,15 +20,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from django.db import transaction
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 from machine_memory import MachineMemory, signals, telemetry
-from machine_memory.exceptions import LockLost, LockNotAcquired, WriteConflict, WriteError
+from machine_memory.exceptions import (
+    LockLost,
+    LockNotAcquired,
+    ReadError,
+    WriteConflict,
+    WriteError,
+)
 from machine_memory.locks.redis import RedisLockBackend
 from tests.settings import DOWN_DATABASES
+from tests.test_faults import SERVERS, kill_this_threads_connection
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -241,6 +249,48 @@ def test_a_lost_compare_and_set_reports_a_conflict(
     ] == [("write_conflict", "write", None, 2), ("write_conflict", "overwrite", 1, 2)]
 
 
+def test_changes_report_the_version_and_token_they_were_checked_against(
+    memory: MachineMemory, mid: str, spans: InMemorySpanExporter
+) -> None:
+    memory.write(mid, {"n": 1}, None)
+    memory.write(mid, {"n": 2}, memory.read(mid))  # no lock: version-checked only
+    assert memory.lock(mid)
+    token = memory.held_token(mid)
+    memory.overwrite(mid, {"n": 3})  # the version read under the row's lock
+    memory.delete(mid)
+    assert memory.unlock(mid)
+    update, overwrite, delete = [
+        attributes(span)
+        for span in spans.get_finished_spans()
+        if span.name.split(".")[1] in {"write", "overwrite", "delete"}
+    ][1:]
+    assert (update["machine_memory.expected_version"], update["machine_memory.version"]) == (1, 2)
+    assert "machine_memory.fencing_token" not in update
+    assert overwrite["machine_memory.expected_version"] == 2
+    assert overwrite["machine_memory.fencing_token"] == token
+    assert delete["machine_memory.expected_version"] == 3
+    assert delete["machine_memory.fencing_token"] == token
+
+
+def test_a_refused_unlock_reports_the_token_it_held(
+    memory: MachineMemory, mid: str, spans: InMemorySpanExporter
+) -> None:
+    assert memory.lock(mid, ttl=0.2)
+    token = memory.held_token(mid)
+    time.sleep(0.3)
+    other = MachineMemory(using=memory.using)
+    try:
+        assert other.lock(mid)
+        assert memory.unlock(mid) is False
+    finally:
+        other.unlock(mid)
+    unlock = attributes(by_name(spans.get_finished_spans(), "machine_memory.unlock")[0])
+    assert (unlock["machine_memory.outcome"], unlock["machine_memory.fencing_token"]) == (
+        "refused",
+        token,
+    )
+
+
 def test_a_takeover_reports_the_lost_lock(
     memory: MachineMemory, mid: str, spans: InMemorySpanExporter, received: Received
 ) -> None:
@@ -315,6 +365,29 @@ def test_a_storage_failure_marks_the_span_and_reports_the_failed_write(
     failed = received.one("write_failed")
     assert failed["error"] is raised.value
     assert failed["operation"] == "write"
+
+
+@SERVERS
+def test_a_read_inside_the_callers_transaction_is_not_retried(
+    alias: str, mid: str, spans: InMemorySpanExporter
+) -> None:
+    """The transaction died with its connection: a retry could only fail again."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 1}, None)
+    assert memory.read_retries > 0
+    spans.clear()
+
+    def read_in_a_transaction() -> None:
+        with transaction.atomic(using=alias):
+            kill_this_threads_connection(alias)
+            memory.read(mid)
+
+    with pytest.raises(ReadError):
+        read_in_a_transaction()
+    (read,) = spans.get_finished_spans()
+    assert attributes(read)["machine_memory.outcome"] == "error"
+    assert attributes(read)["machine_memory.attempts"] == 1
+    assert memory.read(mid) == {"n": 1}  # outside it, on a fresh connection
 
 
 def test_operations_nest_under_the_callers_span(
