@@ -35,6 +35,7 @@ from machine_memory.locks.base import LockBackend
 from machine_memory.locks.memory import InMemoryLockBackend
 from tests.support import churning_store, new_id
 from tests.test_checks import assert_reported, messages_for
+from tests.workers import in_thread
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -1018,6 +1019,36 @@ def test_a_create_or_overwrite_that_keeps_losing_is_409() -> None:
         "stored. Retry."
     )
     assert memory.read("m") == {"theirs": True}
+
+
+def test_a_release_refused_for_a_lock_that_is_gone_when_the_view_looks_is_204(
+    api: Api, alias: str, mid: str
+) -> None:
+    """The release was refused because another owner held the lock; by the time the view
+    looks, nobody does. The client wanted the id free of its lock, and it is: 204."""
+    stale = api.acquire(mid, ttl=0.2)["lock_token"]
+    time.sleep(0.3)
+    other = MachineMemory(using=alias)
+    assert other.lock(mid)  # took it over
+    looks: list[bool] = []
+
+    def let_the_other_release_first(
+        execute: Any, sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        # The release's own look finds the other's lock (unlock() is False); before the
+        # view's look, the other releases it.
+        if sql.startswith("SELECT owner, token, acquired_at, expires_at"):
+            looks.append(len(looks) == 1 and in_thread(lambda: other.unlock(mid)))
+        return execute(sql, params, many, context)
+
+    try:
+        with connections[alias].execute_wrapper(let_the_other_release_first):
+            response = api.release(mid, stale)
+    finally:
+        other.unlock(mid)
+    assert looks == [False, True]  # the view did look, after the other's release
+    assert response.status_code == 204
+    assert_error(api.lock_get(mid), 404, "not_found")
 
 
 def test_a_release_that_storage_fails_is_503_and_leaves_the_lock(

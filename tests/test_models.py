@@ -616,6 +616,27 @@ def test_on_mysql_the_vendor_module_picks_mysqls_types_and_refuses_database_lock
         )
 
 
+@pytest.mark.parametrize("alias", ["mariadb"], indirect=True)
+def test_on_mysql_id_columns_get_mysqls_binary_collation(alias: str) -> None:
+    """The id field asks the vendor module about the connection it is given. No MySQL
+    server here: the MariaDB connection, told it is not MariaDB (what Django's
+    ``mysql_is_mariadb`` says on MySQL), stands in for one."""
+    from machine_memory.models import MachineIdField
+
+    connection: Any = connections[alias]
+    field = MachineIdField(max_length=255)
+    assert field.db_parameters(connection)["collation"] == "utf8mb4_nopad_bin"
+    connection.__dict__["mysql_is_mariadb"] = False  # a cached_property of Django's
+    try:
+        assert field.db_parameters(connection)["collation"] == "utf8mb4_0900_bin"
+    finally:
+        del connection.__dict__["mysql_is_mariadb"]
+    assert connection.mysql_is_mariadb  # computed again from the server
+    # A collation the field is given wins over the vendor's.
+    given = MachineIdField(max_length=255, db_collation="utf8mb4_general_ci")
+    assert given.db_parameters(connection)["collation"] == "utf8mb4_general_ci"
+
+
 def test_the_columns_this_code_makes_keep_ids_and_deep_states_apart(alias: str) -> None:
     """A table made now from the app's own fields (MachineIdField, StateField), beside the
     migrated ones: ids differing in case, accents or trailing spaces are distinct rows and
