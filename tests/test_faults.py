@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -624,6 +625,39 @@ def test_end_session_says_so_when_a_session_outlives_its_deadline(alias: str) ->
         assert 0.05 <= time.monotonic() - started < 5  # looked until the deadline, then gave up
         cursor.execute(ALIVE["postgres"], (checkpointer,))
         assert cursor.fetchone() is not None  # and it is still there
+
+
+@pytest.mark.parametrize("alias", ["mariadb"], indirect=True)
+@pytest.mark.parametrize("timeout", [0.05, 60.0])
+def test_end_session_waits_out_a_rollback_until_its_deadline(alias: str, timeout: float) -> None:
+    """KILL ends a session once the server gets to it: one with a large uncommitted write
+    stays listed (as "Killed", rolling back) for as long as the rollback takes, about a
+    second here. end_session waits for it until its deadline, and says whether it saw the
+    session go."""
+    connection = connections[alias]
+    dialect = dialect_for(connection)
+    table = f"machine_memory_rollback_{os.getpid()}"
+    victim = connections.create_connection(alias)
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, pad CHAR(200)) ENGINE=InnoDB")
+    try:
+        with victim.cursor() as cursor:
+            victim.set_autocommit(False)
+            cursor.execute(f"INSERT INTO {table} SELECT seq, 'x' FROM seq_1_to_300000")
+        session = dialect.session_id(victim.connection)
+        assert session is not None
+        with dialect.errors(connection):
+            cursor = cursor_for(connection)
+            ended = dialect.end_session(cursor, session, timeout)
+            cursor.execute(ALIVE["mariadb"], (session,))
+            listed = cursor.fetchone() is not None
+        # Rolled back within the minute; still rolling back 50 ms after the KILL.
+        assert (ended, listed) == ((True, False) if timeout > 1 else (False, True))
+    finally:
+        with suppress(DatabaseError):
+            victim.close()
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {table}")
 
 
 def kill_the_side_connection(memory: MachineMemory, alias: str) -> int:
