@@ -714,6 +714,7 @@ def summary(files: Iterable[Path]) -> int:
     rows: list[tuple[str, Counter[str]]] = []
     survivors: list[str] = []
     messages: list[str] = []
+    untested: list[str] = []
     stale: list[str] = []
     seen: set[str] = set()
     for path in files:
@@ -735,6 +736,8 @@ def summary(files: Iterable[Path]) -> int:
                 messages.append(name)
             elif status == "survived":
                 survivors.append(name)
+            elif status == "no tests" and name not in listed:
+                untested.append(name)
             elif name in listed:
                 stale.append(f"{name} ({status})")
             count[status] += 1
@@ -781,7 +784,10 @@ def summary(files: Iterable[Path]) -> int:
                 for name in survivors
             )
         )
-    return 1 if survivors or messages else 0
+    if untested:
+        print(f"\nMutants that no test reaches ({len(untested)}):")
+        print("\n".join(f"  {name}" for name in untested))
+    return 1 if survivors or messages or untested else 0
 
 
 def _row(module: str, count: Counter[str], columns: list[str]) -> None:

@@ -1030,7 +1030,8 @@ def test_a_release_refused_for_a_lock_that_is_gone_when_the_view_looks_is_204(
     time.sleep(0.3)
     other = MachineMemory(using=alias)
     assert other.lock(mid)  # took it over
-    looks: list[bool] = []
+    looks: list[str] = []
+    released: list[bool] = []
 
     def let_the_other_release_first(
         execute: Any, sql: str, params: Any, many: bool, context: Any
@@ -1038,7 +1039,9 @@ def test_a_release_refused_for_a_lock_that_is_gone_when_the_view_looks_is_204(
         # The release's own look finds the other's lock (unlock() is False); before the
         # view's look, the other releases it.
         if sql.startswith("SELECT owner, token, acquired_at, expires_at"):
-            looks.append(len(looks) == 1 and in_thread(lambda: other.unlock(mid)))
+            looks.append(sql)
+            if len(looks) == 2:
+                released.append(in_thread(lambda: other.unlock(mid)))
         return execute(sql, params, many, context)
 
     try:
@@ -1046,7 +1049,7 @@ def test_a_release_refused_for_a_lock_that_is_gone_when_the_view_looks_is_204(
             response = api.release(mid, stale)
     finally:
         other.unlock(mid)
-    assert looks == [False, True]  # the view did look, after the other's release
+    assert len(looks) == 2 and released == [True]  # the view looked after the release
     assert response.status_code == 204
     assert_error(api.lock_get(mid), 404, "not_found")
 
