@@ -358,26 +358,20 @@ def test_session_inside_atomic_uses_the_classic_statements(alias: str, mid: str)
 # -- faults ------------------------------------------------------------------------------------
 
 
-def test_lock_and_read_whose_reply_was_lost_adopts_the_lock(
-    proxied: ProxiedDatabase, mid: str
+@pytest.mark.parametrize("where", ["before", "after-reply"])
+def test_lock_and_read_cut_is_settled_on_a_fresh_connection_with_the_sessions_ttl(
+    proxied: ProxiedDatabase, mid: str, where: str
 ) -> None:
+    """Cut before the server took the lock, the look on a fresh connection takes it then;
+    cut after (the reply lost), it finds the lock its own and adopts it. Either way, with
+    the TTL the session asked for."""
     memory = MachineMemory(using=proxied.alias)
     memory.write(mid, {"n": 5}, None)
-    trigger = proxied.proxy.cut_after_reply(ACQUIRE_AND_READ[proxied.real])
-    with memory.session(mid) as s:
-        assert trigger.count == 1
-        assert s.state == {"n": 5} and s.version == 1
-        s.write({"n": 6})
-    assert memory.read(mid) == {"n": 6}
-    assert MachineMemory(using=proxied.real, lock_retries=0).lock_info(mid) is None
-
-
-def test_lock_and_read_cut_before_the_server_takes_the_lock_with_its_ttl_on_a_fresh_connection(
-    proxied: ProxiedDatabase, mid: str
-) -> None:
-    memory = MachineMemory(using=proxied.alias)
-    memory.write(mid, {"n": 5}, None)
-    trigger = proxied.proxy.cut_before(ACQUIRE_AND_READ[proxied.real])
+    statement = ACQUIRE_AND_READ[proxied.real]
+    if where == "before":
+        trigger = proxied.proxy.cut_before(statement)
+    else:
+        trigger = proxied.proxy.cut_after_reply(statement)
     with memory.session(mid, ttl=600) as s:
         assert trigger.count == 1
         assert s.state == {"n": 5} and s.version == 1
@@ -387,6 +381,7 @@ def test_lock_and_read_cut_before_the_server_takes_the_lock_with_its_ttl_on_a_fr
         assert 590 < left <= 600, left  # the session's TTL, not the default
         s.write({"n": 6})
     assert memory.read(mid) == {"n": 6}
+    assert MachineMemory(using=proxied.real, lock_retries=0).lock_info(mid) is None
 
 
 @pytest.mark.parametrize("create", [False, True], ids=["update", "create"])

@@ -272,25 +272,6 @@ def test_changes_report_the_version_and_token_they_were_checked_against(
     assert delete["machine_memory.fencing_token"] == token
 
 
-def test_a_refused_unlock_reports_the_token_it_held(
-    memory: MachineMemory, mid: str, spans: InMemorySpanExporter
-) -> None:
-    assert memory.lock(mid, ttl=0.2)
-    token = memory.held_token(mid)
-    time.sleep(0.3)
-    other = MachineMemory(using=memory.using)
-    try:
-        assert other.lock(mid)
-        assert memory.unlock(mid) is False
-    finally:
-        other.unlock(mid)
-    unlock = attributes(by_name(spans.get_finished_spans(), "machine_memory.unlock")[0])
-    assert (unlock["machine_memory.outcome"], unlock["machine_memory.fencing_token"]) == (
-        "refused",
-        token,
-    )
-
-
 def test_a_takeover_reports_the_lost_lock(
     memory: MachineMemory, mid: str, spans: InMemorySpanExporter, received: Received
 ) -> None:
@@ -307,13 +288,21 @@ def test_a_takeover_reports_the_lost_lock(
         assert not memory.extend(mid)
         with pytest.raises(LockLost):
             memory.write(mid, {"n": 2}, state)
+        assert memory.unlock(mid) is False
     finally:
         other.unlock(mid)
         memory.unlock(mid)
-    extend, write = spans.get_finished_spans()[:2]
-    assert attributes(extend)["machine_memory.outcome"] == "lock_lost"
-    assert attributes(write)["machine_memory.outcome"] == "lock_lost"
-    assert attributes(write)["machine_memory.fencing_token"] == token
+    extend, write, unlock = (attributes(span) for span in spans.get_finished_spans()[:3])
+    assert extend["machine_memory.outcome"] == "lock_lost"
+    assert (write["machine_memory.outcome"], write["machine_memory.fencing_token"]) == (
+        "lock_lost",
+        token,
+    )
+    # The release is refused, and reports the token this instance held.
+    assert (unlock["machine_memory.outcome"], unlock["machine_memory.fencing_token"]) == (
+        "refused",
+        token,
+    )
     lost = [kwargs for name, kwargs in received.calls if name == "lock_lost"]
     assert [(k["operation"], k["token"]) for k in lost] == [("extend", token), ("write", token)]
 
