@@ -48,7 +48,6 @@ API_PRECONDITIONS = {
     VIEWS + name
     for name in (
         "xǁEntityTagsǁ__init__",
-        "xǁEntityTagsǁmatches_strongly",
         "xǁEntityTagsǁmatches_weakly",
         "xǁEntityTagsǁversions",
         "x__precondition",

@@ -123,16 +123,13 @@ class EntityTags:
         if not self.tags:
             raise ApiError(400, "invalid_precondition", f"{name} is empty.")
 
-    def matches_strongly(self, version: int) -> bool:
-        """If-Match: strong comparison, so a weak tag never matches (RFC 9110 §13.1.1)."""
-        return self.any or any(not weak and tag == str(version) for weak, tag in self.tags)
-
     def matches_weakly(self, version: int) -> bool:
         """If-None-Match on GET: weak comparison (RFC 9110 §13.1.2)."""
         return self.any or any(tag == str(version) for _, tag in self.tags)
 
     def versions(self) -> set[int]:
-        """The versions that If-Match can match: its strong tags that spell a version."""
+        """The versions that If-Match can match: its strong tags that spell a version
+        (strong comparison, RFC 9110 §13.1.1: a weak tag never matches)."""
         return {
             int(tag)
             for weak, tag in self.tags
