@@ -521,6 +521,20 @@ def test_tokens_are_indexed_only_where_the_next_one_comes_from_the_highest(alias
     assert expires, constraints  # purges and the admin's filter find expired locks by it
 
 
+def test_distinct_values_gives_at_most_the_limit_in_order(
+    memory: MachineMemory, alias: str
+) -> None:
+    status = new_id("status")
+    ids = [new_id() for _ in range(5)]
+    for machine_id, suffix in zip(ids, ["c", "a", "b", "a", "d"], strict=True):
+        memory.write(machine_id, {"executionStatus": f"{status}-{suffix}"}, None)
+    memory.write(new_id(), {}, None)  # no status: NULL, never a value
+    ours = MachineState.objects.using(alias).filter(machine_id__in=ids)
+    spelled = [f"{status}-{suffix}" for suffix in "abcd"]
+    for limit in range(6):
+        assert ours.distinct_values("execution_status", limit) == spelled[:limit]
+
+
 def test_state_queryset_with_status_and_children_of(memory: MachineMemory, alias: str) -> None:
     status, parent, other_parent = new_id("status"), new_id("parent"), new_id("parent")
     children = [new_id("child") for _ in range(3)]
