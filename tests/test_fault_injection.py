@@ -53,6 +53,7 @@ from tests.support import (
     machine_memory_warnings,
     new_id,
 )
+from tests.test_redis import stored_fence
 from tests.workers import ThreadRun
 
 if TYPE_CHECKING:
@@ -1543,9 +1544,7 @@ def test_redis_fence_check_cut_once_is_asked_again_as_the_same_holder(
     assert fence.count == 1
     assert read_real(alias, mid) == op.after
     if kind == "update":
-        from machine_memory.models import MachineState
-
-        assert MachineState.objects.using(alias).get(machine_id=mid).fence == token
+        assert stored_fence(alias, mid) == token
     assert memory.unlock(mid)
 
 

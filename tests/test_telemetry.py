@@ -259,11 +259,10 @@ def test_changes_report_the_version_and_token_they_were_checked_against(
     memory.overwrite(mid, {"n": 3})  # the version read under the row's lock
     memory.delete(mid)
     assert memory.unlock(mid)
-    update, overwrite, delete = [
-        attributes(span)
-        for span in spans.get_finished_spans()
-        if span.name.split(".")[1] in {"write", "overwrite", "delete"}
-    ][1:]
+    finished = spans.get_finished_spans()
+    update = attributes(by_name(finished, "machine_memory.write")[1])
+    (overwrite,) = (attributes(span) for span in by_name(finished, "machine_memory.overwrite"))
+    (delete,) = (attributes(span) for span in by_name(finished, "machine_memory.delete"))
     assert (update["machine_memory.expected_version"], update["machine_memory.version"]) == (1, 2)
     assert "machine_memory.fencing_token" not in update
     assert overwrite["machine_memory.expected_version"] == 2
