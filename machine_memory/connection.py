@@ -55,10 +55,26 @@ def in_callers_transaction(connection: BaseDatabaseWrapper) -> bool:
     Statements there commit, or roll back, with the caller; a lock must then use a
     connection of its own, and a failed connection must not be replaced under the caller.
     """
-    # Before Django connects, ``autocommit`` is False whatever the settings say.
-    return connection.in_atomic_block or (
-        connection.connection is not None and not connection.autocommit
-    )
+    if connection.in_atomic_block:
+        return True
+    if connection.connection is None:
+        # Before Django connects, ``autocommit`` is False whatever the settings say; once
+        # connected it follows DATABASES' AUTOCOMMIT (True unless the project turned
+        # Django's transaction management off).
+        return not connection.settings_dict.get("AUTOCOMMIT", True)
+    return not connection.autocommit
+
+
+def own_connection(connection: BaseDatabaseWrapper) -> BaseDatabaseWrapper:
+    """A new connection to ``connection``'s database, in autocommit whatever its settings say.
+
+    For statements that must commit at once while ``connection`` is in a transaction of the
+    caller's. ``connections.create_connection()`` would take the alias's ``AUTOCOMMIT``,
+    and with ``AUTOCOMMIT: False`` in DATABASES a lock taken there would never commit.
+    Closing it is the caller's business.
+    """
+    settings_dict = {**connection.settings_dict, "AUTOCOMMIT": True}
+    return type(connection)(settings_dict, connection.alias)
 
 
 def cursor_for(connection: BaseDatabaseWrapper) -> Cursor:

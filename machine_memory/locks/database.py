@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from machine_memory.connection import cursor_for, in_callers_transaction
+from machine_memory.connection import cursor_for, in_callers_transaction, own_connection
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.locks.base import Fence, LockBackend, LockInfo
 from machine_memory.sql import dialect_for
@@ -63,7 +63,7 @@ class DatabaseLockBackend(LockBackend):
             )
         side: BaseDatabaseWrapper | None = getattr(self._local, "connection", None)
         if side is None:
-            side = connections.create_connection(self.alias)
+            side = own_connection(connection)
             self._local.connection = side
         return side
 

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 
-from machine_memory.connection import cursor_for, in_callers_transaction, noted_session
+from machine_memory.connection import (
+    cursor_for,
+    in_callers_transaction,
+    noted_session,
+    own_connection,
+)
 from machine_memory.exceptions import MachineMemoryError
 from machine_memory.sql import dialect_for
 from machine_memory.stores.base import NothingSent, StateStore, Stored, Taken
@@ -184,7 +189,7 @@ def end_lost_session(connection: BaseDatabaseWrapper) -> bool:
         # The caller's transaction keeps the broken connection until it ends: end the old
         # session from a connection of our own, so it does not hold its row locks until the
         # server notices the client is gone.
-        connection = connections.create_connection(connection.alias)
+        connection = own_connection(connection)
         try:
             with dialect.errors(connection):
                 return dialect.end_session(cursor_for(connection), session, SESSION_END_TIMEOUT)
