@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from django.contrib.auth.models import Group
-from django.db import transaction
+from django.db import connections, transaction
 
 from machine_memory import LockInfo, MachineMemory
 from machine_memory.connection import noted_session
@@ -24,7 +24,7 @@ from machine_memory.exceptions import LockLost, MachineMemoryError, WriteError
 from tests.workers import in_thread
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from machine_memory.locks.database import DatabaseLockBackend
 
@@ -50,10 +50,13 @@ def seen_elsewhere(alias: str, mid: str) -> tuple[bool, LockInfo | None]:
 
     def probe() -> tuple[bool, LockInfo | None]:
         other = MachineMemory(using=alias, lock_retries=0)
-        info = other.lock_info(mid)
-        taken = other.lock(mid)
-        if taken:
-            assert other.unlock(mid)
+        try:
+            info = other.lock_info(mid)
+            taken = other.lock(mid)
+            if taken:
+                assert other.unlock(mid)
+        finally:
+            other.close()
         return taken, info
 
     return in_thread(probe)
@@ -236,6 +239,37 @@ def test_session_with_autocommit_off_writes_with_the_caller_and_releases_at_once
     memory.close()
 
 
+@contextmanager
+def autocommit_setting_off(alias: str) -> Iterator[None]:
+    """``"AUTOCOMMIT": False`` in the alias's DATABASES entry (the dict every thread's
+    connection shares): each statement waits for a commit of the caller's, from the first."""
+    connection = connections[alias]
+    connection.close()
+    connection.settings_dict["AUTOCOMMIT"] = False
+    try:
+        yield
+    finally:
+        connection.close()  # the server rolls back what the caller left open
+        connection.settings_dict["AUTOCOMMIT"] = True
+
+
+@SERVERS
+def test_locks_commit_at_once_when_databases_turns_autocommit_off(alias: str, mid: str) -> None:
+    """The connection of their own that locks take must commit by itself: a copy of the
+    alias's settings would hold every lock in a transaction nobody commits."""
+    memory = MachineMemory(using=alias)
+    with autocommit_setting_off(alias):
+        assert memory.lock(mid)
+        taken, info = seen_elsewhere(alias, mid)
+        assert not taken and info is not None and info.owner == memory.owner
+        assert memory.extend(mid, ttl=timedelta(minutes=5))
+        extended = seen_elsewhere(alias, mid)[1]
+        assert extended is not None and extended.expires_at > info.expires_at
+        assert memory.unlock(mid)
+        assert seen_elsewhere(alias, mid) == (True, None)
+    memory.close()
+
+
 @SQLITE
 def test_lock_with_autocommit_off_on_sqlite_names_the_fix(alias: str, mid: str) -> None:
     memory = MachineMemory(using=alias)
@@ -379,3 +413,75 @@ def test_locks_inside_atomic_share_one_connection_which_close_ends(alias: str, m
     memory.close()
     assert side.connection is None
     assert locks._local.connection is None
+
+
+# -- how a release commits (PostgreSQL) ------------------------------------------------------
+
+
+@pytest.fixture
+def commit_modes(alias: str) -> Iterator[Callable[[str], list[tuple[str, str]]]]:
+    """A trigger noting, for each lock row change, the synchronous_commit it commits under.
+
+    Returns a function giving (operation, setting) for one id, in order.
+    """
+    statements = [
+        "CREATE TABLE mm_commit_modes (n serial PRIMARY KEY, machine_id varchar, op text,"
+        " mode text)",
+        "CREATE FUNCTION mm_note_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " INSERT INTO mm_commit_modes (machine_id, op, mode) VALUES (NEW.machine_id, TG_OP,"
+        " current_setting('synchronous_commit')); RETURN NEW; END $$",
+        "CREATE TRIGGER mm_note_commit_mode AFTER INSERT OR UPDATE ON machine_memory_lock"
+        " FOR EACH ROW EXECUTE FUNCTION mm_note_commit_mode()",
+    ]
+    with connections[alias].cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+    def noted(mid: str) -> list[tuple[str, str]]:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT op, mode FROM mm_commit_modes WHERE machine_id = %s ORDER BY n", [mid]
+            )
+            return [(op, mode) for op, mode in cursor.fetchall()]
+
+    try:
+        yield noted
+    finally:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("DROP TRIGGER mm_note_commit_mode ON machine_memory_lock")
+            cursor.execute("DROP FUNCTION mm_note_commit_mode")
+            cursor.execute("DROP TABLE mm_commit_modes")
+
+
+@pytest.mark.parametrize("alias", ["postgres"], indirect=True)
+def test_postgresql_commits_a_release_alone_without_waiting_for_the_disk(
+    alias: str, mid: str, commit_modes: Callable[[str], list[tuple[str, str]]]
+) -> None:
+    """unlock() (and a session left without a write) turns synchronous_commit off for its
+    own transaction only; lock, extend and a session's write + release wait for the disk,
+    and the setting does not outlive the release on its connection."""
+    memory = MachineMemory(using=alias)
+    assert memory.lock(mid)
+    assert memory.extend(mid)
+    assert memory.unlock(mid)
+    assert memory.lock(mid)  # takes over the released row: an UPDATE on the same connection
+    assert memory.unlock(mid)
+    with memory.session(mid):
+        pass
+    with memory.session(mid) as s:
+        s.write({"n": 1})
+    assert commit_modes(mid) == [
+        ("INSERT", "on"),  # lock
+        ("UPDATE", "on"),  # extend
+        ("UPDATE", "off"),  # unlock
+        ("UPDATE", "on"),  # lock again
+        ("UPDATE", "off"),  # unlock
+        ("UPDATE", "on"),  # session: lock + read
+        ("UPDATE", "off"),  # left without a write
+        ("UPDATE", "on"),  # session: lock + read
+        ("UPDATE", "on"),  # write + release, one commit
+    ]
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone() == ("on",)
+    memory.close()

@@ -71,6 +71,9 @@ class Dialect:
     # Whether the next fencing token is derived from the highest one in the lock table (no
     # sequences), so the row holding it must never be deleted.
     token_high_water_row = False
+    # Added to release()'s WHERE clause: how the vendor commits a release (PostgreSQL's
+    # does not wait for the disk; see there).
+    release_commit_sql = ""
 
     def __init__(self) -> None:
         self._statements: dict[Hashable, str] = {}
@@ -358,6 +361,7 @@ class Dialect:
             lambda: (
                 f"UPDATE {LOCK_TABLE} SET expires_at = {self.now_sql}"
                 f" WHERE machine_id = %s AND owner = %s AND expires_at > {self.now_sql}"
+                f"{self.release_commit_sql}"
             ),
         )
         cursor.execute(sql, (machine_id, owner))
