@@ -244,13 +244,14 @@ def autocommit_setting_off(alias: str) -> Iterator[None]:
     """``"AUTOCOMMIT": False`` in the alias's DATABASES entry (the dict every thread's
     connection shares): each statement waits for a commit of the caller's, from the first."""
     connection = connections[alias]
+    saved = connection.settings_dict["AUTOCOMMIT"]
     connection.close()
     connection.settings_dict["AUTOCOMMIT"] = False
     try:
         yield
     finally:
         connection.close()  # the server rolls back what the caller left open
-        connection.settings_dict["AUTOCOMMIT"] = True
+        connection.settings_dict["AUTOCOMMIT"] = saved
 
 
 @SERVERS

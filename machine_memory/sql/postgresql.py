@@ -36,16 +36,9 @@ class PostgreSQLDialect(Dialect):
     # The function installed for lock + read (an attribute: tests install it under another
     # name to try what this code would install).
     acquire_and_read_routine = "machine_memory_acquire_and_read"
-    # A release commits without waiting for its WAL record to reach the disk. It is visible
-    # to every session at once, like any commit; only the flush is left to the WAL writer
-    # (wal_writer_delay) or to the next durable commit on the server, whichever comes
-    # first, since WAL is flushed in order. A release undone by a server crash in that
-    # window leaves the lock with its owner until its TTL, as when a worker dies holding
-    # it, which a TTL lock is for: no takeover ever comes earlier. The setting is LOCAL,
-    # so it ends with the release's own transaction (DatabaseLockBackend runs a release
-    # in autocommit, never inside a transaction of the caller's). This saves one of the
-    # cycle's three disk flushes; lock, write and extend wait for theirs as always.
-    # https://www.postgresql.org/docs/current/wal-async-commit.html
+    # A release commits without waiting for the WAL flush: LOCAL, so only for its own
+    # transaction (releases run in autocommit). A crash that undoes it leaves the lock to
+    # its TTL; why that is safe and lock/write/extend are not: docs/design.md#postgresql.
     release_commit_sql = " AND set_config('synchronous_commit', 'off', true) = 'off'"
 
     def new_cursor(self, connection: BaseDatabaseWrapper, *, prepare: bool) -> Cursor:
