@@ -2,7 +2,9 @@
 
 The example project runs under gunicorn on a PostgreSQL database made for this run and
 dropped after it; ``npm ci``, ``tsc`` and ``node --test`` then run the client's own tests
-(several node processes contending on the same ids among them) against it. Without Node
+(several node processes contending on the same ids among them) against it, in a copy of
+the client made for the test: two runs at once (CI runs the suite under two Django
+versions side by side) would otherwise both rebuild clients/typescript/node_modules. Without Node
 the test is skipped, except under CI, where that is a failure.
 """
 
@@ -38,10 +40,12 @@ def node_tools() -> tuple[str, str]:
     return node, npm
 
 
-def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> str:
+def run(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> str:
     result = subprocess.run(
         command,
-        cwd=CLIENT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -57,14 +61,16 @@ def test_the_typescript_client_passes_its_tests_against_the_api(
     postgres_url: str, tmp_path: Path
 ) -> None:
     _, npm = node_tools()
-    run([npm, "ci", "--no-audit", "--no-fund"])
-    run([npm, "run", "build"])
+    client = tmp_path / "typescript"
+    shutil.copytree(CLIENT, client, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    run([npm, "ci", "--no-audit", "--no-fund"], client)
+    run([npm, "run", "build"], client)
     # Keep-alive longer than Node's fetch keeps an idle connection (4 s): shorter, and a
     # request racing the server's close fails (docs/rest-api.md#serving-the-api).
     args = ["--workers", "2", "--threads", "8", "--keep-alive", "30"]
     with serve(tmp_path, *args, database_url=postgres_url) as live:
         env = {**os.environ, "MM_API_URL": f"{live.url}{API}/", "MM_API_TOKEN": live.token}
-        output = run([npm, "test"], env=env, timeout=600)
+        output = run([npm, "test"], client, env=env, timeout=600)
     print("\n" + "\n".join(output.strip().splitlines()[-10:]))
     # Node's runner closes with its counts: something ran, and nothing failed.
     assert "# fail 0" in output, output
