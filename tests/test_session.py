@@ -134,7 +134,9 @@ def test_session_commits_once_to_lock_and_once_to_write(alias: str, mid: str) ->
         state_then, locked = row_xids(alias, mid)
         assert state_then == wrote_first  # lock + read: the lock row only
         assert locked is not None and locked != wrote_first
+        assert s.written is False
         s.write({"n": 1})
+        assert s.written is True
         written, released = row_xids(alias, mid)
     # write + release: both rows in one transaction, a new one.
     assert written == released and written not in {wrote_first, locked}

@@ -4,8 +4,8 @@ The example project runs under gunicorn on a PostgreSQL database made for this r
 dropped after it; ``npm ci``, ``tsc`` and ``node --test`` then run the client's own tests
 (several node processes contending on the same ids among them) against it, in a copy of
 the client made for the test: two runs at once (CI runs the suite under two Django
-versions side by side) would otherwise both rebuild clients/typescript/node_modules. Without Node
-the test is skipped, except under CI, where that is a failure.
+versions side by side) would otherwise both rebuild clients/typescript/node_modules.
+Without Node the test is skipped, except under CI, where that is a failure.
 """
 
 from __future__ import annotations
