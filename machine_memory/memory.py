@@ -9,6 +9,7 @@ error means); storage is composed in: ``stores`` for states, ``locks`` for locks
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import secrets
@@ -32,7 +33,7 @@ from machine_memory.exceptions import (
     WriteOutcomeUnknown,
 )
 from machine_memory.locks.base import NO_FENCE, LockBackend
-from machine_memory.retry import pauses
+from machine_memory.retry import Backoff
 from machine_memory.stores.base import NothingSent
 from machine_memory.telemetry import note, observed
 from machine_memory.validation import (
@@ -266,9 +267,9 @@ class MachineMemory:
 
     # -- read -------------------------------------------------------------------------
 
-    def _read_pauses(self) -> Iterator[float | None]:
+    def _read_backoff(self) -> Backoff:
         # No retry inside the caller's transaction: it died with the connection.
-        return pauses(
+        return Backoff(
             self.read_retries,
             self.read_backoff,
             deadline=READ_DEADLINE,
@@ -292,11 +293,13 @@ class MachineMemory:
     def read(self, machine_id: str) -> dict[str, Any] | None:
         """The stored state (a fresh dict each call), or None when there is none yet."""
         machine_id = validate_id(machine_id)
-        for attempt, pause in enumerate(self._read_pauses(), 1):
+        backoff = self._read_backoff()
+        for attempt in itertools.count(1):
             note(attempts=attempt)
             try:
                 return self._read_once(machine_id)
             except self.store.transient_errors as exc:
+                pause = next(backoff)
                 if pause is None:
                     raise self._read_failed(machine_id, exc) from exc
                 self._recover()
@@ -309,11 +312,13 @@ class MachineMemory:
     async def aread(self, machine_id: str) -> dict[str, Any] | None:
         machine_id = validate_id(machine_id)
         read_once = sync_to_async(self._read_once)
-        for attempt, pause in enumerate(self._read_pauses(), 1):
+        backoff = self._read_backoff()
+        for attempt in itertools.count(1):
             note(attempts=attempt)
             try:
                 return await read_once(machine_id)
             except self.store.transient_errors as exc:
+                pause = next(backoff)
                 if pause is None:
                     raise self._read_failed(machine_id, exc) from exc
                 await sync_to_async(self._recover)()
@@ -389,11 +394,23 @@ class MachineMemory:
         if not stored:
             self._raise_rejected(machine_id, expected, token)
 
-    def _written(self, machine_id: str, data: dict[str, Any], version: int, meta: Metadata) -> None:
+    def _written(
+        self,
+        machine_id: str,
+        data: dict[str, Any],
+        version: int,
+        meta: Metadata,
+        *,
+        inside: bool | None = None,
+    ) -> None:
+        """Note a landed write and remember ``data``'s version. ``inside``: whether the
+        caller's transaction is open, if the caller has just asked the store."""
         note("written", version=version)
         # Inside the caller's transaction the new version may still be rolled back; a later
         # write from `data` then falls back to the content compare, which is always right.
-        if not self.store.in_transaction():
+        if inside is None:
+            inside = self.store.in_transaction()
+        if not inside:
             self._versions.remember(machine_id, data, version, meta)
 
     def _expected_version(self, machine_id: str, prev_data: dict[str, Any]) -> tuple[int, Metadata]:
@@ -778,8 +795,8 @@ class MachineMemory:
         seconds: float = RULES["LOCK_TTL"].clean(ttl, "ttl")
         return seconds
 
-    def _lock_pauses(self) -> Iterator[float | None]:
-        return pauses(self.lock_retries, self.lock_backoff, jitter=LOCK_JITTER)
+    def _lock_backoff(self) -> Backoff:
+        return Backoff(self.lock_retries, self.lock_backoff, jitter=LOCK_JITTER)
 
     def _lock_once(self, machine_id: str, ttl: float) -> bool:
         try:
@@ -824,10 +841,12 @@ class MachineMemory:
         """Acquire the lock; False (after a few short retries) if another owner holds it."""
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
-        for attempt, pause in enumerate(self._lock_pauses(), 1):
+        backoff = self._lock_backoff()
+        for attempt in itertools.count(1):
             if self._lock_once(machine_id, seconds):
                 note("acquired", attempts=attempt, ttl=seconds)
                 return True
+            pause = next(backoff)
             if pause is None:
                 note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
@@ -841,10 +860,12 @@ class MachineMemory:
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
         lock_once = sync_to_async(self._lock_once)
-        for attempt, pause in enumerate(self._lock_pauses(), 1):
+        backoff = self._lock_backoff()
+        for attempt in itertools.count(1):
             if await lock_once(machine_id, seconds):
                 note("acquired", attempts=attempt, ttl=seconds)
                 return True
+            pause = next(backoff)
             if pause is None:
                 note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
@@ -879,30 +900,32 @@ class MachineMemory:
         (the lock then expires by its TTL).
         """
         machine_id = validate_id(machine_id)
-        for pause in pauses(UNLOCK_ATTEMPTS - 1, UNLOCK_BACKOFF):
+        backoff = Backoff(UNLOCK_ATTEMPTS - 1, UNLOCK_BACKOFF)
+        while True:
             try:
                 return self._unlock_once(machine_id)
             except self.locks.errors as exc:
+                pause = next(backoff)
                 self._unlock_failed(machine_id, exc, last=pause is None)
             if pause is None:
                 return False
             time.sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     @observed("unlock")
     async def aunlock(self, machine_id: str) -> bool:
         machine_id = validate_id(machine_id)
         unlock_once = sync_to_async(self._unlock_once)
         failed = sync_to_async(self._unlock_failed)
-        for pause in pauses(UNLOCK_ATTEMPTS - 1, UNLOCK_BACKOFF):
+        backoff = Backoff(UNLOCK_ATTEMPTS - 1, UNLOCK_BACKOFF)
+        while True:
             try:
                 return await unlock_once(machine_id)
             except self.locks.errors as exc:
+                pause = next(backoff)
                 await failed(machine_id, exc, pause is None)
             if pause is None:
                 return False
             await asyncio.sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _reconnecting(self, what: str, operation: Callable[..., T], *args: Any) -> T:
         """Run a lock operation, once more on a fresh connection after a transient error;
@@ -1094,11 +1117,13 @@ class MachineMemory:
         """
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
-        for attempt, pause in enumerate(self._lock_pauses(), 1):
+        backoff = self._lock_backoff()
+        for attempt in itertools.count(1):
             locked = self._take_once(machine_id, seconds)
             if locked is not None:
                 note("acquired", attempts=attempt, ttl=seconds, version=locked.version)
                 return locked
+            pause = next(backoff)
             if pause is None:
                 note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
@@ -1113,11 +1138,13 @@ class MachineMemory:
         machine_id = validate_id(machine_id)
         seconds = self._ttl(ttl)
         take_once = sync_to_async(self._take_once)
-        for attempt, pause in enumerate(self._lock_pauses(), 1):
+        backoff = self._lock_backoff()
+        for attempt in itertools.count(1):
             locked = await take_once(machine_id, seconds)
             if locked is not None:
                 note("acquired", attempts=attempt, ttl=seconds, version=locked.version)
                 return locked
+            pause = next(backoff)
             if pause is None:
                 note("denied", attempts=attempt)
                 logger.debug("Lock on %r denied: held by another owner.", machine_id)
@@ -1163,7 +1190,9 @@ class MachineMemory:
             self._compare_and_set(machine_id, data, text, expected, changed)
         if locked.state is not None:
             self._versions.forget(machine_id, locked.state)
-        self._written(machine_id, data, 1 if expected is None else expected + 1, meta)
+        self._written(
+            machine_id, data, 1 if expected is None else expected + 1, meta, inside=inside
+        )
         if released:
             self._held.pop(machine_id, None)
             note(released=True)

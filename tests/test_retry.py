@@ -1,24 +1,24 @@
-"""``pauses()``: the pauses every retry loop waits (docs/contract.md#read, #lock, #unlock)."""
+"""``Backoff()``: the pauses every retry loop waits (docs/contract.md#read, #lock, #unlock)."""
 
 from __future__ import annotations
 
 import pytest
 
-from machine_memory.retry import pauses
+from machine_memory.retry import Backoff
 
 
 def test_pauses_double_from_the_first_then_give_up() -> None:
-    assert list(pauses(4, 0.05)) == [0.05, 0.1, 0.2, 0.4, None]
+    assert list(Backoff(4, 0.05)) == [0.05, 0.1, 0.2, 0.4, None]
 
 
 def test_no_retries_gives_up_at_once() -> None:
-    assert list(pauses(0, 0.05)) == [None]
+    assert list(Backoff(0, 0.05)) == [None]
 
 
 def test_jitter_scales_each_pause_within_its_bounds() -> None:
     firsts: list[float] = []
     for _ in range(200):
-        got = list(pauses(3, 0.1, jitter=0.5))
+        got = list(Backoff(3, 0.1, jitter=0.5))
         assert got[-1] is None and len(got) == 4
         for attempt, pause in enumerate(got[:-1]):
             assert pause is not None
@@ -31,11 +31,11 @@ def test_jitter_scales_each_pause_within_its_bounds() -> None:
 
 def test_a_deadline_stops_the_retries_whose_pause_would_reach_it() -> None:
     # Not slept here: 0.1 and then 0.2 still end before 0.35 s, 0.4 would not.
-    assert list(pauses(10, 0.1, deadline=0.35)) == [0.1, 0.2, None]
+    assert list(Backoff(10, 0.1, deadline=0.35)) == [0.1, 0.2, None]
 
 
 def test_a_deadline_shorter_than_the_first_pause_retries_never() -> None:
-    assert list(pauses(10, 0.1, deadline=0.05)) == [None]
+    assert list(Backoff(10, 0.1, deadline=0.05)) == [None]
 
 
 @pytest.mark.parametrize("stop_after", [0, 1, 3])
@@ -46,13 +46,13 @@ def test_stop_is_asked_before_each_retry(stop_after: int) -> None:
         asked.append(True)
         return len(asked) > stop_after
 
-    got = list(pauses(10, 0.01, stop=stop))
+    got = list(Backoff(10, 0.01, stop=stop))
     assert got == [0.01 * 2**n for n in range(stop_after)] + [None]
     assert len(asked) == stop_after + 1
 
 
 def test_stop_that_never_says_stop_leaves_the_retries_alone() -> None:
-    assert list(pauses(2, 0.01, stop=lambda: False)) == [0.01, 0.02, None]
+    assert list(Backoff(2, 0.01, stop=lambda: False)) == [0.01, 0.02, None]
 
 
 def test_a_denied_lock_waits_jittered_pauses(monkeypatch: pytest.MonkeyPatch) -> None:

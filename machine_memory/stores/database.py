@@ -19,6 +19,7 @@ from machine_memory.connection import (
     own_connection,
 )
 from machine_memory.exceptions import MachineMemoryError
+from machine_memory.locks.database import DatabaseLockBackend, lock_info
 from machine_memory.sql import dialect_for
 from machine_memory.stores.base import NothingSent, StateStore, Stored, Taken
 
@@ -100,8 +101,6 @@ class DatabaseStateStore(StateStore):
             )
 
     def acquire_and_load(self, machine_id: str, owner: str, ttl: float) -> Taken | None:
-        from machine_memory.locks.database import lock_info
-
         connection = self.connection
         with self.dialect.errors(connection):
             taken = self.dialect.acquire_and_read(cursor_for(connection), machine_id, owner, ttl)
@@ -160,8 +159,6 @@ class DatabaseStateStore(StateStore):
     def shares_locks_with(self, locks: LockBackend) -> bool:
         # Lock rows in this database: the database backend on this alias (or a subclass),
         # not any backend that was merely given the alias (the in-memory one keeps its own).
-        from machine_memory.locks.database import DatabaseLockBackend
-
         return isinstance(locks, DatabaseLockBackend) and locks.database == self.alias
 
 

@@ -57,7 +57,7 @@ from machine_memory.contrib.rest_framework.serializers import (
 from machine_memory.exceptions import LockError, LockLost, WriteConflict
 from machine_memory.memory import LOCK_JITTER, MachineMemory
 from machine_memory.models import MachineLock, MachineState
-from machine_memory.retry import pauses
+from machine_memory.retry import Backoff
 from machine_memory.validation import (
     MAX_ID_LENGTH,
     MAX_STATE_DEPTH,
@@ -609,7 +609,7 @@ def _acquire(
     look = secret_given
     # Pauses doubling from LOCK_WAIT_BACKOFF, the last one cut short so that the final
     # attempt comes at the deadline. A generous count: the deadline ends the waiting.
-    for pause in pauses(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER):
+    for pause in Backoff(64, LOCK_WAIT_BACKOFF, jitter=LOCK_JITTER):
         locked = memory.lock_and_read(machine_id, ttl)
         if locked is not None:
             return locked
