@@ -298,6 +298,22 @@ def test_write_inside_atomic_rolls_back_with_the_caller(alias: str, mid: str) ->
     assert read_elsewhere(alias, mid) == {"n": 2}
 
 
+def test_a_write_inside_atomic_does_not_vouch_for_its_version(alias: str, mid: str) -> None:
+    """The version a write makes inside the caller's transaction may roll back, so the
+    object written is not remembered at it: a write from that object later compares its
+    content with the stored state, which is right whatever became of the transaction."""
+    memory = MachineMemory(using=alias)
+    memory.write(mid, {"n": 1}, None)
+    prev = memory.read(mid)
+    same = {"n": 1}
+    with rolled_back(alias):
+        memory.write(mid, same, prev)  # version 2, until the rollback
+        assert memory.version_of(mid, same) is None
+    # Version 1 is stored again, and `same` equals it: a write from `same` goes through.
+    memory.write(mid, {"n": 2}, same)
+    assert read_elsewhere(alias, mid) == {"n": 2}
+
+
 def test_create_inside_atomic_rolls_back_with_the_caller(alias: str, mid: str) -> None:
     memory = MachineMemory(using=alias)
     with rolled_back(alias):
