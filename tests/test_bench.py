@@ -121,10 +121,31 @@ def test_gap_probe_text(alias: str) -> None:
     assert re.search(r"^raw lock p50 by client work before it: [\d.]+ µs after 0 µs, ", out, re.M)
 
 
+@pytest.mark.parametrize("flag", ["--gap-probe", "--raw-session"])
 @pytest.mark.parametrize("other", [["--no-raw"], ["--contention"], ["--http", "http://x/"]])
-def test_gap_probe_needs_the_raw_cycle(alias: str, other: list[str]) -> None:
-    with pytest.raises(CommandError, match="--gap-probe"):
-        bench(alias, *SMALL, "--gap-probe", *other)
+def test_bare_driver_options_need_the_raw_cycle(alias: str, flag: str, other: list[str]) -> None:
+    with pytest.raises(CommandError, match=f"{flag} runs bare-driver statements"):
+        bench(alias, *SMALL, flag, *other)
+
+
+@pytest.mark.usefixtures("left_behind")
+def test_raw_session(alias: str) -> None:
+    result = bench_json(alias, *SMALL, "--raw-session")
+    two_trips = result["raw_session"]
+    assert two_trips["cycles"] == 60 and two_trips["cycles_per_second"] > 0
+    assert set(two_trips["latency_us"]) == {"lock", "write"}  # lock + read, write + unlock
+    assert result["raw_session_ratio"] > 0
+
+
+def test_raw_session_text(alias: str) -> None:
+    out, _ = bench(alias, *SMALL, "--raw-session")
+    assert re.search(r"^raw session\s+[\d,]+\s+\d+ / \d+\s+-\s+\d+ / \d+\s+-$", out, re.M), out
+    assert re.search(r"^ratio raw session / raw: \d+\.\d\d \(two round trips", out, re.M), out
+
+
+def test_raw_session_in_worker_processes(alias: str) -> None:
+    result = bench_json(alias, *SMALL, "--raw-session", "--workers", "2")
+    assert result["raw_session"]["cycles"] == 60
 
 
 @pytest.mark.usefixtures("left_behind")
@@ -143,6 +164,7 @@ def test_json_output(alias: str) -> None:
     assert session["cycles"] == 60 and session["cycles_per_second"] > 0
     assert set(session["latency_us"]) == {"lock", "write"}  # lock + read, write + release
     assert result["ratio"] > 0 and result["session_ratio"] > 0
+    assert "raw_session" not in result  # only with --raw-session
 
 
 @pytest.mark.usefixtures("left_behind")
@@ -385,18 +407,44 @@ def test_the_baseline_has_two_minimal_tables_of_its_own(alias: str) -> None:
             assert not cycle.unlock("m", "b")
             assert cycle.unlock("m", "a")
             assert cycle.lock("m", "b", 30)
+            # The same cycle in two round trips (--raw-session).
+            assert cycle.take("m", "a", 30) == (False, None)  # b holds it
+            assert cycle.take("n", "a", 30) == (True, None)
+            assert not cycle.give("n", "a", '{"n": 1}', 1)  # no version 1: nothing happens
+            assert cycle.take("n", "b", 30) == (False, None)  # so the lock stays a's
+            assert cycle.give("n", "a", '{"n": 1}', None)  # created, and unlocked with it
+            locked, row = cycle.take("n", "b", 30)
+            assert locked and row is not None and row[1] == 1 and json.loads(row[0]) == {"n": 1}
+            assert not cycle.give("n", "b", '{"n": 2}', None)  # exists already
+            assert cycle.give("n", "b", '{"n": 2}', 1)
+            row = cycle.read("n")
+            assert row is not None and row[1] == 2
+            assert cycle.lock("n", "c", 30)  # b's lock went with its write
         finally:
             cycle.close()
     finally:
         drop_tables(connection, tables)
-    assert not {tables.state, tables.lock} & set(connection.introspection.table_names())
+    assert not baseline_leftovers(alias, tables.base)
+
+
+def baseline_leftovers(alias: str, base: str = "mm_bench_") -> list[str]:
+    """Tables, and MariaDB's procedures of the two-trip cycle, named like a bench run's."""
+    connection = connections[alias]
+    found = [t for t in connection.introspection.table_names() if t.startswith(base)]
+    if connection.vendor == "mysql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT routine_name FROM information_schema.routines"
+                " WHERE routine_schema = DATABASE() AND routine_name LIKE %s",
+                (f"{base}%",),
+            )
+            found += [name for (name,) in cursor.fetchall()]
+    return found
 
 
 def test_a_bench_run_leaves_no_baseline_tables(alias: str) -> None:
-    bench(alias, "--cycles", "20", "--machines", "5", "--runs", "1")
-    assert not [
-        t for t in connections[alias].introspection.table_names() if t.startswith("mm_bench_")
-    ]
+    bench(alias, "--cycles", "20", "--machines", "5", "--runs", "1", "--raw-session")
+    assert not baseline_leftovers(alias)
 
 
 @pytest.mark.parametrize("mode", ["signals", "spans"])

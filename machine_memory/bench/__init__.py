@@ -196,6 +196,42 @@ def raw_cycles(
     return timings
 
 
+def raw_session_cycles(
+    raw: RawCycle,
+    ids: list[str],
+    cycles: int,
+    progress: Callable[[int], None] | None = None,
+    start: int = 0,
+) -> Timings:
+    """The cycle on the bare driver in two round trips (``RawCycle.take`` and ``give``),
+    timed as ``session_cycles`` times ``session()``; JSON encoding and decoding included."""
+    timings = Timings()
+    lock, write = timings.samples["lock"], timings.samples["write"]
+    clock = time.perf_counter_ns
+    owner = f"raw:{os.getpid()}"
+    dumps, loads = json.dumps, json.loads
+    started = time.perf_counter()
+    for number in range(cycles):
+        machine_id = ids[(start + number) % len(ids)]
+        t0 = clock()
+        locked, row = raw.take(machine_id, owner, 120.0)
+        if not locked:
+            raise BenchError(f"raw lock of {machine_id!r} was denied")
+        state = None if row is None else loads(row[0])
+        t1 = clock()
+        new = document(machine_id, 1 if state is None else state["counter"] + 1)
+        if not raw.give(machine_id, owner, dumps(new), None if row is None else row[1]):
+            raise BenchError(f"raw write of {machine_id!r} lost its compare-and-set")
+        t2 = clock()
+        lock.append(t1 - t0)
+        write.append(t2 - t1)
+        if progress is not None and number % 256 == 0:
+            progress(number)
+    timings.elapsed = time.perf_counter() - started
+    timings.cycles = cycles
+    return timings
+
+
 # Microseconds of client-side work before each probed statement (``gap_probe``).
 GAPS_US = (0, 20, 100)
 
@@ -310,12 +346,13 @@ def worker(job: dict[str, Any]) -> Timings:
     connections[alias].settings_dict["NAME"] = job["name"]
     start = job["start"]
     try:
-        if job["kind"] == "raw":
+        if job["kind"] in ("raw", "raw_session"):
             connection = connections[alias]
             raw = raw_cycle(connection, Tables(**job["tables"]))
+            run = raw_cycles if job["kind"] == "raw" else raw_session_cycles
             try:
                 start.wait()
-                return raw_cycles(raw, job["ids"], job["cycles"])
+                return run(raw, job["ids"], job["cycles"])
             finally:
                 raw.close()
         memory = MachineMemory(using=alias, lock_backend=job["lock_backend"])

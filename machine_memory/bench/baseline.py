@@ -6,6 +6,11 @@ and the cheapest correct statement for each of lock (upsert only if expired), re
 (insert, or update only if the version is unchanged) and unlock (delete our own lock). No
 validation, no fencing tokens, no metadata, no timestamps. The tables are made for a run
 and dropped after it. Also the filler rows of the scale runs (in the app's tables).
+
+``--raw-session`` adds the same cycle in two round trips on the same tables, lock + read
+and write + unlock (``RawCycle.take`` and ``RawCycle.give``): the least a cycle shaped like
+``session()`` can cost on this machine, with none of its guarantees. It is a yardstick for
+the session's ratio, not a way anyone should write the cycle (docs/performance.md).
 Benchmark code only: the app's own statements live in ``machine_memory.sql``.
 """
 
@@ -30,16 +35,33 @@ NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
 @dataclass(frozen=True)
 class Tables:
-    """The names of one run's baseline tables."""
+    """The names of one run's baseline tables (and routines, where a vendor needs them)."""
 
-    state: str
-    lock: str
+    base: str
 
     @classmethod
     def for_run(cls, run: str) -> Tables:
         """Tables named after ``run`` (letters and digits): runs side by side never meet."""
         assert run.isalnum(), run
-        return cls(f"mm_bench_{run}_state", f"mm_bench_{run}_lock")
+        return cls(f"mm_bench_{run}")
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}_state"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.base}_lock"
+
+    @property
+    def names(self) -> dict[str, str]:
+        """For ``str.format`` of the schema: {state}, {lock}, {take}, {give}."""
+        return {
+            "state": self.state,
+            "lock": self.lock,
+            "take": f"{self.base}_take",
+            "give": f"{self.base}_give",
+        }
 
 
 class RawCycle:
@@ -47,10 +69,13 @@ class RawCycle:
 
     # CREATE TABLE statements, with {state} and {lock} for the table names.
     schema: tuple[str, str] = ("", "")
+    # CREATE PROCEDURE statements of the two-trip cycle, named {take} and {give}.
+    routines: tuple[str, ...] = ()
 
     def __init__(self, settings_params: dict[str, Any], tables: Tables) -> None:
         self.params = settings_params
         self.state, self.lock_table = tables.state, tables.lock
+        self.names = tables.names
 
     def lock(self, machine_id: str, owner: str, ttl: float) -> bool:
         raise NotImplementedError
@@ -62,6 +87,16 @@ class RawCycle:
         raise NotImplementedError
 
     def unlock(self, machine_id: str, owner: str) -> bool:
+        raise NotImplementedError
+
+    # The two-trip cycle (--raw-session): each method one round trip and at most one commit.
+
+    def take(self, machine_id: str, owner: str, ttl: float) -> tuple[bool, tuple[str, int] | None]:
+        """Lock, and read the state if the lock was taken: (locked, row or None)."""
+        raise NotImplementedError
+
+    def give(self, machine_id: str, owner: str, text: str, version: int | None) -> bool:
+        """Write as ``write`` does and, if that landed, unlock, in one transaction."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -127,6 +162,46 @@ class PostgreSQLRawCycle(RawCycle):
         )
         return int(self.cursor.rowcount) == 1
 
+    def take(self, machine_id: str, owner: str, ttl: float) -> tuple[bool, tuple[str, int] | None]:
+        # The CTE's read uses the statement's snapshot, taken before any wait for the lock
+        # row: it can miss a state committed meanwhile. Uncontended here; wrong in real use.
+        self.cursor.execute(
+            f"WITH l AS (INSERT INTO {self.lock_table} AS l (machine_id, owner, expires_at)"
+            " VALUES (%s, %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (machine_id) DO UPDATE SET owner = EXCLUDED.owner,"
+            " expires_at = EXCLUDED.expires_at WHERE l.expires_at <= now() RETURNING 1)"
+            " SELECT EXISTS (SELECT 1 FROM l), s.data::text, s.version FROM (SELECT 1) AS one"
+            f" LEFT JOIN {self.state} AS s ON s.machine_id = %s",
+            (machine_id, owner, ttl, machine_id),
+        )
+        row = self.cursor.fetchone()
+        assert row is not None  # the LEFT JOIN always gives one row
+        locked, data, version = row
+        return bool(locked), None if data is None or not locked else (data, version)
+
+    def give(self, machine_id: str, owner: str, text: str, version: int | None) -> bool:
+        if version is None:
+            write = (
+                f"INSERT INTO {self.state} (machine_id, data, version)"
+                " VALUES (%s, %s::jsonb, 1) ON CONFLICT (machine_id) DO NOTHING RETURNING 1"
+            )
+            params: tuple[Any, ...] = (machine_id, text)
+        else:
+            write = (
+                f"UPDATE {self.state} SET data = %s::jsonb, version = version + 1"
+                " WHERE machine_id = %s AND version = %s RETURNING 1"
+            )
+            params = (text, machine_id, version)
+        self.cursor.execute(
+            f"WITH w AS ({write}), u AS (DELETE FROM {self.lock_table}"
+            " WHERE machine_id = %s AND owner = %s AND EXISTS (SELECT 1 FROM w))"
+            " SELECT EXISTS (SELECT 1 FROM w)",
+            (*params, machine_id, owner),
+        )
+        row = self.cursor.fetchone()
+        assert row is not None
+        return bool(row[0])
+
     def close(self) -> None:
         self.connection.close()
 
@@ -138,6 +213,33 @@ class MySQLRawCycle(RawCycle):
         " version BIGINT NOT NULL)",
         "CREATE TABLE {lock} (machine_id VARCHAR(512) PRIMARY KEY,"
         " owner VARCHAR(255) NOT NULL, expires_at DATETIME(6) NOT NULL)",
+    )
+    # A CALL is one round trip; the statements are lock(), read(), write() and unlock()'s.
+    routines = (
+        "CREATE PROCEDURE {take}(p_id VARCHAR(512), p_owner VARCHAR(255), p_ttl BIGINT)"
+        " BEGIN DECLARE locked INT DEFAULT 0;"
+        " UPDATE {lock} SET owner = p_owner,"
+        " expires_at = UTC_TIMESTAMP(6) + INTERVAL p_ttl MICROSECOND"
+        " WHERE machine_id = p_id AND expires_at <= UTC_TIMESTAMP(6);"
+        " SET locked = ROW_COUNT();"
+        " IF locked = 0 THEN INSERT IGNORE INTO {lock} (machine_id, owner, expires_at)"
+        " VALUES (p_id, p_owner, UTC_TIMESTAMP(6) + INTERVAL p_ttl MICROSECOND);"
+        " SET locked = ROW_COUNT(); END IF;"
+        " IF locked = 1 THEN SELECT 1, s.data, s.version FROM (SELECT 1) AS one"
+        " LEFT JOIN {state} AS s ON s.machine_id = p_id;"
+        " ELSE SELECT 0, NULL, NULL; END IF; END",
+        "CREATE PROCEDURE {give}(p_id VARCHAR(512), p_owner VARCHAR(255), p_data LONGTEXT,"
+        " p_version BIGINT)"
+        " BEGIN DECLARE written INT DEFAULT 0;"
+        " DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;"
+        " START TRANSACTION;"
+        " IF p_version IS NULL THEN"
+        " INSERT IGNORE INTO {state} (machine_id, data, version) VALUES (p_id, p_data, 1);"
+        " ELSE UPDATE {state} SET data = p_data, version = version + 1"
+        " WHERE machine_id = p_id AND version = p_version; END IF;"
+        " SET written = ROW_COUNT();"
+        " IF written = 1 THEN DELETE FROM {lock} WHERE machine_id = p_id AND owner = p_owner;"
+        " END IF; COMMIT; SELECT written; END",
     )
 
     def __init__(self, settings_params: dict[str, Any], tables: Tables) -> None:
@@ -195,6 +297,23 @@ class MySQLRawCycle(RawCycle):
             (machine_id, owner),
         )
         return int(self.cursor.rowcount) == 1
+
+    def _call(self, routine: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+        # Every result of the CALL is read, its own status included, before the next one.
+        placeholders = ", ".join(["%s"] * len(params))
+        self.cursor.execute(f"CALL {self.names[routine]}({placeholders})", params)
+        row = self.cursor.fetchone()
+        while self.cursor.nextset():
+            pass
+        return row  # type: ignore[no-any-return]
+
+    def take(self, machine_id: str, owner: str, ttl: float) -> tuple[bool, tuple[str, int] | None]:
+        locked, data, version = self._call("take", (machine_id, owner, round(ttl * 1_000_000)))
+        return locked == 1, None if data is None else (data, version)
+
+    def give(self, machine_id: str, owner: str, text: str, version: int | None) -> bool:
+        (written,) = self._call("give", (machine_id, owner, text, version))
+        return int(written) == 1
 
     def close(self) -> None:
         self.connection.close()
@@ -259,6 +378,25 @@ class SQLiteRawCycle(RawCycle):
             (machine_id, owner),
         )
         return int(self.cursor.rowcount) == 1
+
+    def take(self, machine_id: str, owner: str, ttl: float) -> tuple[bool, tuple[str, int] | None]:
+        # In-process: no round trips to save, and each statement commits on its own.
+        if not self.lock(machine_id, owner, ttl):
+            return False, None
+        return True, self.read(machine_id)
+
+    def give(self, machine_id: str, owner: str, text: str, version: int | None) -> bool:
+        # One transaction, one commit; BEGIN IMMEDIATE takes the write lock first.
+        self.cursor.execute("BEGIN IMMEDIATE")
+        try:
+            written = self.write(machine_id, text, version)
+            if written:
+                self.unlock(machine_id, owner)
+        except BaseException:
+            self.cursor.execute("ROLLBACK")
+            raise
+        self.cursor.execute("COMMIT")
+        return written
 
     def close(self) -> None:
         self.connection.close()
@@ -349,14 +487,19 @@ def _run_on_driver(connection: BaseDatabaseWrapper, statements: list[str]) -> No
 
 
 def create_tables(connection: BaseDatabaseWrapper, tables: Tables) -> None:
-    """Create a run's baseline tables, as a user of the bare driver would."""
-    schema = CYCLES[connection.vendor].schema
-    _run_on_driver(connection, [sql.format(state=tables.state, lock=tables.lock) for sql in schema])
+    """Create a run's baseline tables (and routines), as a user of the bare driver would."""
+    cycle = CYCLES[connection.vendor]
+    statements = cycle.schema + cycle.routines
+    _run_on_driver(connection, [sql.format(**tables.names) for sql in statements])
 
 
 def drop_tables(connection: BaseDatabaseWrapper, tables: Tables) -> None:
+    names = tables.names
+    routines = [names["take"], names["give"]] if CYCLES[connection.vendor].routines else []
     _run_on_driver(
-        connection, [f"DROP TABLE IF EXISTS {table}" for table in (tables.state, tables.lock)]
+        connection,
+        [f"DROP PROCEDURE IF EXISTS {routine}" for routine in routines]
+        + [f"DROP TABLE IF EXISTS {table}" for table in (tables.state, tables.lock)],
     )
 
 

@@ -23,6 +23,7 @@ from machine_memory.bench import (
     memory_cycles,
     new_prefix,
     raw_cycles,
+    raw_session_cycles,
     run_in_processes,
     session_cycles,
     summary,
@@ -187,6 +188,13 @@ class Command(BaseCommand):
             "(how much this machine charges a statement that does not follow at once).",
         )
         parser.add_argument(
+            "--raw-session",
+            action="store_true",
+            help="Also run the cycle on the bare driver in two round trips (lock + read, write "
+            "+ unlock) into the baseline's tables: the least a cycle shaped like session() "
+            "costs on this machine, with none of its guarantees.",
+        )
+        parser.add_argument(
             "--telemetry",
             choices=["off", "signals", "spans"],
             default="off",
@@ -199,12 +207,14 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["token"] is not None and options["http"] is None:
             raise CommandError("--token is for the API: give --http URL too.")
-        if options["gap_probe"] and (
-            options["no_raw"] or options["contention"] or options["http"] is not None
-        ):
-            raise CommandError(
-                "--gap-probe times the bare-driver statements: no --no-raw, --contention or --http."
-            )
+        for flag in ("gap_probe", "raw_session"):
+            if options[flag] and (
+                options["no_raw"] or options["contention"] or options["http"] is not None
+            ):
+                raise CommandError(
+                    f"--{flag.replace('_', '-')} runs bare-driver statements: "
+                    "no --no-raw, --contention or --http."
+                )
         if options["telemetry"] != "off" and (
             (options["workers"] or 1) > 1 or options["contention"] or options["http"] is not None
         ):
@@ -282,6 +292,7 @@ class Command(BaseCommand):
         memory_runs: list[Timings] = []
         session_runs: list[Timings] = []
         raw_runs: list[Timings] = []
+        raw_session_runs: list[Timings] = []
         tables = None if options["no_raw"] else Tables.for_run(uuid.uuid4().hex[:12])
         if tables is not None:
             create_tables(connection, tables)
@@ -293,6 +304,8 @@ class Command(BaseCommand):
                 }
                 if tables is not None:
                     kinds["raw"] = self.ids(f"{prefix}raw{run}", workers, machines)
+                if tables is not None and options["raw_session"]:
+                    kinds["raw_session"] = self.ids(f"{prefix}rawsession{run}", workers, machines)
                 if workers > 1:
                     timings = {}
                     for kind, ids in kinds.items():
@@ -305,6 +318,8 @@ class Command(BaseCommand):
                 session_runs.append(timings["session"])
                 if "raw" in timings:
                     raw_runs.append(timings["raw"])
+                if "raw_session" in timings:
+                    raw_session_runs.append(timings["raw_session"])
             if tables is not None and options["gap_probe"]:
                 probe = raw_cycle(connection, tables)
                 try:
@@ -323,6 +338,11 @@ class Command(BaseCommand):
             raw = result["raw"]["cycles_per_second"]
             result["ratio"] = round(result["memory"]["cycles_per_second"] / raw, 3)
             result["session_ratio"] = round(result["session"]["cycles_per_second"] / raw, 3)
+        if raw_session_runs:
+            result["raw_session"] = summary(raw_session_runs)
+            result["raw_session_ratio"] = round(
+                result["raw_session"]["cycles_per_second"] / result["raw"]["cycles_per_second"], 3
+            )
         return result
 
     def http(self, memory: MachineMemory, prefix: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +429,8 @@ class Command(BaseCommand):
         tables: Tables | None,
     ) -> Timings:
         """One run of ``kind`` cycles ("memory": the four calls, "session": ``session()``,
-        "raw": the bare driver into ``tables``) from --workers processes."""
+        "raw": the bare driver into ``tables``, "raw_session": the same in two round trips)
+        from --workers processes."""
         workers, cycles = options["workers"], options["cycles"]
         per_worker = len(ids) // workers
         return run_in_processes(
@@ -446,6 +467,11 @@ class Command(BaseCommand):
             cycle = raw_cycle(connections[memory.using], tables)
             raw, raw_ids = cycle, kinds["raw"]
             runners["raw"] = lambda start, count: raw_cycles(raw, raw_ids, count, start=start)
+            if "raw_session" in kinds:
+                two_trip_ids = kinds["raw_session"]
+                runners["raw_session"] = lambda start, count: raw_session_cycles(
+                    raw, two_trip_ids, count, start=start
+                )
         label = f"run {run + 1}/{options['runs']}"
         try:
             with self.progress(label, cycles, options) as progress:
@@ -545,13 +571,24 @@ class Command(BaseCommand):
             rows.append(("session()", result["session"]))
         if "raw" in result:
             rows.append((f"raw {result['vendor']}", result["raw"]))
+        if "raw_session" in result:
+            rows.append(("raw session", result["raw_session"]))
         for label, data in rows:
             self.stdout.write(_row(label, 16, data))
         if "session" in result:
-            self.stdout.write("(session(): lock = lock + read, write = write + release)")
+            self.stdout.write(
+                "(session()"
+                + (" and raw session" if "raw_session" in result else "")
+                + ": lock = lock + read, write = write + release)"
+            )
         if "ratio" in result:
             self.stdout.write(f"\nratio MachineMemory / raw: {result['ratio']:.2f}")
             self.stdout.write(f"ratio session() / raw: {result['session_ratio']:.2f}")
+        if "raw_session_ratio" in result:
+            self.stdout.write(
+                f"ratio raw session / raw: {result['raw_session_ratio']:.2f} "
+                "(two round trips, no tokens, fencing or checks)"
+            )
         if "gap_probe_us" in result:
             probe = ", ".join(
                 f"{us} µs after {gap} µs" for gap, us in result["gap_probe_us"].items()
