@@ -11,6 +11,7 @@ and dropped after it. Also the filler rows of the scale runs (in the app's table
 and write + unlock (``RawCycle.take`` and ``RawCycle.give``): the least a cycle shaped like
 ``session()`` can cost on this machine, with none of its guarantees. It is a yardstick for
 the session's ratio, not a way anyone should write the cycle (docs/performance.md).
+
 Benchmark code only: the app's own statements live in ``machine_memory.sql``.
 """
 
